@@ -1,0 +1,3 @@
+from mumic_ml.cli import main
+
+raise SystemExit(main())

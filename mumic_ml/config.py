@@ -1,0 +1,247 @@
+"""The one configuration: `params.yaml`, validated into typed, frozen objects.
+
+DVC reads the same file for stage parameters, the CLI loads it through `load_params`, and the orchestration
+builds the same objects. Unknown keys and bad values are errors that name the key's full path, because a typo in
+a config file that silently falls back to a default is the most expensive kind of bug in training pipelines.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, malformed or holds a bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoConfig(_Section):
+    """The procedural demo world (design section 6)."""
+
+    n_images: int = Field(3000, ge=10)
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+
+
+class IngestConfig(_Section):
+    max_side: int = Field(512, ge=16, description="Longer side of stored normalised images, in pixels.")
+    min_side: int = Field(16, ge=1, description="Images with a shorter side below this are rejected.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Declared pixel count above which a file is a bomb.")
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _sides(self) -> IngestConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        return self
+
+
+class SplitConfig(_Section):
+    fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        missing = {"train", "val", "test"} - set(value)
+        if missing:
+            raise ValueError(f"needs the splits train, val and test; missing {sorted(missing)}")
+        if any(f <= 0 for f in value.values()):
+            raise ValueError("every fraction must be positive")
+        if abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, got {sum(value.values()):.6f}")
+        return value
+
+
+class Head(str, enum.Enum):
+    MUMIC = "mumic"  # cosine to class text embeddings, tempered sigmoid
+    LINEAR = "linear"  # free linear layer on the image embedding (baseline)
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("mumic-tiny", description="open_clip model name, e.g. ViT-B-32, or a project config.")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b79k'), a local checkpoint file, "
+        "or null for random initialisation."
+    )
+    head: Head = Head.MUMIC
+    init_temperature: float | None = Field(
+        0.07, gt=0, description="Initial T of sigmoid(s / T + b); null takes it from the backbone's logit scale."
+    )
+    learn_temperature: bool = True
+    max_inverse_temperature: float = Field(100.0, gt=1, description="Clamp on 1/T, as CLIP clamps its logit scale.")
+    learn_bias: bool = False
+    init_bias: float = 0.0
+    freeze_text: bool = False
+    freeze_image: bool = False
+
+
+class Loss(str, enum.Enum):
+    TEMPERED_SIGMOID_BCE = "tempered_sigmoid_bce"
+    BCE = "bce"
+    ASL = "asl"
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"  # bf16 autocast on CUDA where supported, fp16 with a grad scaler otherwise, fp32 on CPU
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class AsymmetricLossConfig(_Section):
+    gamma_neg: float = Field(4.0, ge=0)
+    gamma_pos: float = Field(1.0, ge=0)
+    clip: float = Field(0.05, ge=0, lt=1)
+
+
+class LabelNoiseConfig(_Section):
+    """Simulated annotation noise, applied to the training split only (the demo world's noisy-label setting)."""
+
+    missing: float = Field(0.0, ge=0, lt=1, description="Probability that a true label is dropped.")
+    spurious: float = Field(0.0, ge=0, lt=1, description="Probability that a false label is added.")
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    loss: Loss = Loss.TEMPERED_SIGMOID_BCE
+    asl: AsymmetricLossConfig = AsymmetricLossConfig()
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    accumulation_steps: int = Field(1, ge=1)
+    lr_image: float = Field(5e-4, ge=0, description="Peak learning rate of the image tower.")
+    lr_text: float = Field(2e-4, ge=0, description="Peak learning rate of the text tower.")
+    lr_head: float = Field(1e-2, ge=0, description="Peak learning rate of temperature, bias and a linear head.")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    precision: Precision = Precision.AUTO
+    channels_last: bool = True
+    compile: bool = False
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    deterministic: bool = True
+    hflip: bool = True
+    early_stopping_patience: int | None = Field(5, ge=1, description="Epochs without a val GAP@10 gain.")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint mid-epoch.")
+    keep_checkpoints: int = Field(2, ge=1)
+    held_out_classes: list[str] = Field(
+        default_factory=list, description="Classes removed from training labels, kept for zero-shot evaluation."
+    )
+    label_noise: LabelNoiseConfig = LabelNoiseConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+
+class EvaluateConfig(_Section):
+    k: int = Field(10, ge=1)
+    top_n_classes: int = Field(20, ge=1, description="mAP is also reported over this many most frequent classes.")
+    batch_size: int = Field(256, ge=1)
+
+
+class PredictConfig(_Section):
+    top_k: int = Field(5, ge=1)
+    threshold: float | None = Field(None, ge=0, le=1, description="Keep labels above this probability.")
+    batch_size: int = Field(64, ge=1)
+
+
+class PathsConfig(_Section):
+    """Where each step reads and writes, relative to the repository root."""
+
+    demo: Path = Path("data/raw/demo")
+    ingested: Path = Path("data/ingested")
+    splits: Path = Path("data/splits")
+    cache: Path = Path(".cache/preprocess")
+    run: Path = Path("runs/train")
+    model: Path = Path("models/mumic")
+    reports: Path = Path("reports")
+
+
+class Params(_Section):
+    demo: DemoConfig = DemoConfig()
+    ingest: IngestConfig = IngestConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    predict: PredictConfig = PredictConfig()
+    paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _loss_matches_head(self) -> Params:
+        if self.train.loss is Loss.TEMPERED_SIGMOID_BCE and self.model.head is not Head.MUMIC:
+            raise ValueError("train.loss 'tempered_sigmoid_bce' needs model.head 'mumic'")
+        if self.train.loss is Loss.BCE and self.model.head is Head.MUMIC:
+            raise ValueError("model.head 'mumic' trains with train.loss 'tempered_sigmoid_bce' (or 'asl'), not 'bce'")
+        if self.model.freeze_image and self.model.freeze_text:
+            if self.model.head is Head.MUMIC and not self.model.learn_temperature and not self.model.learn_bias:
+                raise ValueError("nothing to train: both towers frozen and no learned temperature or bias")
+        return self
+
+    def updated(self, overrides: dict[str, Any]) -> Params:
+        """A copy with dotted-key overrides applied ({'train.epochs': 2}), validated like the file."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    raise ConfigError(f"unknown parameter {dotted!r}")
+                node = node[key]
+            if leaf not in node:
+                raise ConfigError(f"unknown parameter {dotted!r}")
+            node[leaf] = value
+        return params_from_dict(data, source="overrides")
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return f"{source}: invalid configuration\n" + "\n".join(lines)
+
+
+def params_from_dict(data: Any, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Load params.yaml; a missing file gives the defaults only when it is the default name."""
+    path = Path(path)
+    if not path.exists():
+        if str(path) == DEFAULT_PARAMS_FILE:
+            return Params()
+        raise ConfigError(f"parameter file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return params_from_dict(data, source=str(path))

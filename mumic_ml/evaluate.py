@@ -1,0 +1,114 @@
+"""Scoring a split with a trained model and writing the metrics report (`mumic evaluate`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
+from mumic_ml.images import PreprocessCache
+from mumic_ml.io import atomic_write_json
+from mumic_ml.metrics import evaluation_report, gap_at_k, mean_average_precision, per_class_average_precision
+from mumic_ml.model_io import LoadedModel, load_model_dir
+from mumic_ml.taxonomy import class_prompts
+
+
+@torch.no_grad()
+def compute_scores(
+    classifier: torch.nn.Module,
+    dataset: CachedImageDataset,
+    preparer: ImagePreparer,
+    *,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    extra_class_features: torch.Tensor | None = None,
+    with_embeddings: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sigmoid probabilities (N x C) in dataset order, and optionally the image embeddings."""
+    was_training = classifier.training
+    classifier.eval()
+    loader = DataLoader(dataset, batch_sampler=epoch_batches(len(dataset), batch_size, seed=0, epoch=0, shuffle=False))
+    scores, embeddings = [], []
+    for images, _ in loader:
+        with autocast():
+            out = classifier(preparer(images), extra_class_features)
+        scores.append(torch.sigmoid(out.logits.float()).cpu())
+        if with_embeddings:
+            embeddings.append(out.image_features.float().cpu())
+    classifier.train(was_training)
+    n_classes = getattr(classifier, "num_classes", 0) + (0 if extra_class_features is None else len(extra_class_features))
+    probs = torch.cat(scores).numpy() if scores else np.zeros((0, n_classes), np.float32)
+    return probs, (torch.cat(embeddings).numpy() if with_embeddings and embeddings else None)
+
+
+def evaluate_model(
+    model_dir: Path,
+    split_path: Path,
+    images_root: Path,
+    out_path: Path,
+    *,
+    cache_dir: Path,
+    k: int = 10,
+    top_n_classes: int | None = 20,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """GAP@k, GAP, mAP (macro and over the most frequent classes), per-class AP and thresholded P/R/F1.
+
+    Classes the model was not trained on but that appear in the split's labels (held-out classes) are scored
+    zero-shot from their names and reported separately under `zero_shot`.
+    """
+    loaded = load_model_dir(model_dir, device=device)
+    frame = read_split(split_path)
+    targets = label_matrix(frame["labels"], loaded.class_names)
+    cache = PreprocessCache(cache_dir)
+    dataset = CachedImageDataset(frame, images_root, targets, cache, loaded.image_norm.size)
+    preparer = ImagePreparer(loaded.image_norm, torch.device(device))
+    probs, _ = compute_scores(loaded.classifier, dataset, preparer, batch_size=batch_size)
+    report = evaluation_report(
+        probs, targets, loaded.class_names, k=k, top_n=min(top_n_classes, len(loaded.class_names)) if top_n_classes else None,
+        thresholds=loaded.thresholds,
+    )
+    held_out = list(loaded.metadata.get("held_out_classes", []))
+    if held_out and loaded.supports_zero_shot:
+        report["zero_shot"] = zero_shot_report(loaded, dataset, preparer, frame, held_out, batch_size=batch_size, k=k)
+    report["split"] = str(split_path)
+    report["model_dir"] = str(model_dir)
+    atomic_write_json(out_path, report)
+    return report
+
+
+def zero_shot_report(
+    loaded: LoadedModel,
+    dataset: CachedImageDataset,
+    preparer: ImagePreparer,
+    frame,
+    held_out: list[str],
+    *,
+    batch_size: int,
+    k: int,
+) -> dict[str, Any]:
+    """Rank trained + held-out classes together and measure how the held-out ones fare."""
+    extra = loaded.classifier.encode_class_prompts([class_prompts(n, loaded.default_prompts) for n in held_out])
+    probs, _ = compute_scores(loaded.classifier, dataset, preparer, batch_size=batch_size, extra_class_features=extra)
+    names = loaded.class_names + held_out
+    targets = label_matrix(frame["labels"], names)
+    held = targets[:, len(loaded.class_names):]
+    result: dict[str, Any] = {"classes": held_out}
+    if held.sum() == 0:
+        result["note"] = "no positives of the held-out classes in this split"
+        return result
+    held_scores = probs[:, len(loaded.class_names):]
+    result["map_held_out"] = float(mean_average_precision(held_scores, held))
+    result["gap_at_10_held_out"] = float(gap_at_k(held_scores, held, k=min(k, held.shape[1])))
+    result["per_class_ap"] = {
+        n: (None if np.isnan(v) else float(v)) for n, v in zip(held_out, per_class_average_precision(held_scores, held))
+    }
+    result["chance_map"] = float(np.mean([held[:, j].mean() for j in range(held.shape[1]) if held[:, j].any()]))
+    return result

@@ -1,0 +1,129 @@
+"""Multi-label losses, all computed in logit space so that no probability is ever passed through `log`.
+
+The method's loss is the tempered-sigmoid binary cross-entropy of MuMIC (Wang et al., "MuMIC -- Multimodal
+Embedding for Multi-label Image Classification with Tempered Sigmoid", AAAI 2023): a cosine similarity s in
+[-1, 1] between an image and a class text embedding becomes a probability p = sigmoid(s / T + b). A plain sigmoid
+of a cosine can only reach 0.27..0.73; a small temperature T lets it use the whole range. The gradient
+d loss / d s = (p - y) / T is largest for hard examples (confident negatives, unconfident positives), and T sets how
+sharply the loss concentrates on them: that is the "hardness-aware" property.
+
+`asymmetric_loss` is the ASL baseline (Ridnik et al., ICCV 2021) and `binary_cross_entropy` the plain BCE baseline
+for a linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.dim() != 2:
+        raise ValueError(f"{name_a} must be 2-D (batch x classes), got shape {tuple(a.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+
+
+def tempered_logits(
+    similarity: torch.Tensor, temperature: torch.Tensor | float, bias: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """s / T + b: the logits whose sigmoid is MuMIC's class probability."""
+    return similarity / temperature + bias
+
+
+def tempered_sigmoid_bce(
+    similarity: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: torch.Tensor | float,
+    bias: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """Mean binary cross-entropy of sigmoid(similarity / temperature + bias) against multi-hot `targets`.
+
+    The mean runs over samples and classes, as in the paper.
+    """
+    _check_pair("similarity", similarity, "targets", targets)
+    if not torch.is_tensor(temperature):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+    elif bool((temperature <= 0).any()):
+        raise ValueError("temperature must be positive")
+    logits = tempered_logits(similarity, temperature, bias)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain mean BCE on free logits: the loss of the linear-head baseline."""
+    _check_pair("logits", logits, "targets", targets)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+def asymmetric_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 1.0,
+    clip: float = 0.05,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Asymmetric Loss for multi-label classification (Ridnik et al., 2021).
+
+    Positives: -(1 - p)^gamma_pos * log(p). Negatives: -p_m^gamma_neg * log(1 - p_m) with the shifted probability
+    p_m = max(p - clip, 0), which discards very easy negatives entirely. The focusing weights are treated as
+    constants in the backward pass, as in the reference formulation. `reduction` is "sum" (the paper's), "mean"
+    or "none".
+    """
+    _check_pair("logits", logits, "targets", targets)
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    if clip < 0 or clip >= 1:
+        raise ValueError(f"clip must be in [0, 1), got {clip}")
+    y = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    log_p = F.logsigmoid(logits)
+    if clip > 0:
+        # Shifted probability for negatives; log(1 - p_m) is exactly 0 where the shift zeroes p_m.
+        p_neg = (p - clip).clamp(min=0)
+        log_one_minus_p_neg = torch.log1p(-p_neg)
+    else:
+        p_neg = p
+        log_one_minus_p_neg = F.logsigmoid(-logits)
+    with torch.no_grad():
+        weight_pos = (1 - p).pow(gamma_pos)
+        weight_neg = p_neg.pow(gamma_neg)
+    loss = -(y * weight_pos * log_p + (1 - y) * weight_neg * log_one_minus_p_neg)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    return loss
+
+
+class TemperedSigmoidBCELoss(nn.Module):
+    """MuMIC's loss as a module over normalised embeddings.
+
+    `get_logits` is split from the reduction so that evaluation and prediction compute scores the same way the
+    loss sees them.
+    """
+
+    @staticmethod
+    def get_logits(
+        image_features: torch.Tensor,
+        class_features: torch.Tensor,
+        log_inv_temperature: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        similarity = image_features @ class_features.T
+        logits = similarity * log_inv_temperature.exp()
+        return logits if bias is None else logits + bias
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        class_features: torch.Tensor,
+        log_inv_temperature: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        logits = self.get_logits(image_features, class_features, log_inv_temperature, bias)
+        return binary_cross_entropy(logits, targets)

@@ -1,0 +1,294 @@
+"""Ranking and threshold metrics for multi-label scores (DESIGN.md section 3), in plain numpy.
+
+All functions take `scores` and `targets` as N x C arrays (N images, C classes). Scores may be float32 or float64
+and keep their dtype: every step compares or sorts score values and never does arithmetic on them, so the result
+is the same whatever the precision. Targets are 0/1 (bool or numeric).
+
+Ties are grouped the way `sklearn.metrics.average_precision_score` groups them: every positive in a block of equal
+scores gets the precision at the end of the block. That makes each metric a function of the score values alone,
+independent of the order of images or classes, and it gives the closed form used throughout this module:
+
+    AP = (1 / P) * sum over hits h of  #(hits with score >= s_h) / #(entries with score >= s_h)
+
+Both counts come from `np.searchsorted` on sorted score values, so no argsort (slow, and tie-order dependent) is
+needed anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+
+import numpy as np
+
+_KEPT_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_inputs(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Validate once, up front, so every metric fails with the same clear message instead of a numpy error later.
+
+    Returns the scores (float32/float64 kept as is, other real dtypes as float64) and the targets as bool.
+    """
+    scores = np.asarray(scores)
+    targets = np.asarray(targets)
+    if scores.ndim != 2 or targets.ndim != 2:
+        raise ValueError(
+            f"scores and targets must be 2-D (images x classes), got shapes {scores.shape} and {targets.shape}"
+        )
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores and targets must have the same shape, got {scores.shape} and {targets.shape}")
+    if scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ValueError(f"scores and targets must have at least one image and one class, got shape {scores.shape}")
+
+    if scores.dtype.kind not in "biuf":
+        raise ValueError(f"scores must be real numbers, got dtype {scores.dtype}")
+    if scores.dtype not in _KEPT_FLOAT_DTYPES:
+        scores = scores.astype(np.float64)
+    if not np.isfinite(scores).all():
+        kind = "NaN" if np.isnan(scores).any() else "inf"
+        row, col = np.argwhere(~np.isfinite(scores))[0]
+        raise ValueError(f"scores contain {kind} (first non-finite value at image {row}, class {col})")
+
+    if targets.dtype.kind == "b":
+        return scores, targets
+    if targets.dtype.kind not in "iuf":
+        raise ValueError(f"targets must be 0/1 (bool or numeric), got dtype {targets.dtype}")
+    is_binary = (targets == 0) | (targets == 1)
+    if not is_binary.all():
+        row, col = np.argwhere(~is_binary)[0]
+        raise ValueError(f"targets must be 0/1, found {targets[row, col]!r} at image {row}, class {col}")
+    return scores, targets == 1
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _precision_sum_at_hits(entries_sorted: np.ndarray, hits_sorted: np.ndarray) -> float:
+    """Sum over hits of the tie-grouped precision at the hit's score; both inputs sorted ascending.
+
+    `#(x >= s)` in a sorted array of length n is `n - searchsorted(x, s, side="left")`; taking it at the hit's own
+    score is what puts every hit of a tie block at the end of the block.
+    """
+    hits_at_or_above = hits_sorted.size - np.searchsorted(hits_sorted, hits_sorted, side="left")
+    entries_at_or_above = entries_sorted.size - np.searchsorted(entries_sorted, hits_sorted, side="left")
+    return float(np.sum(hits_at_or_above / entries_at_or_above))
+
+
+def _top_k_hit_scores(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the pooled top-k entries of every row, and of those that are true labels.
+
+    Sorting each row (short rows, vectorised sorting networks) gives the k-th largest value per row; the pooled
+    values are simply the last k columns of the sorted rows, whichever classes tied at the cut. Which classes were
+    taken only matters for the hits: an entry is in the top k when its score is above the row's k-th value, or
+    equal to it and among the first `k - #above` such entries in class order. Ties at the cut are rare with
+    continuous scores, so that class-order fill is done only on rows where the two values around the cut are equal.
+    """
+    num_classes = scores.shape[1]
+    rows_sorted = np.sort(scores, axis=1)
+    pooled = rows_sorted[:, num_classes - k :].ravel()
+    kth = rows_sorted[:, num_classes - k]
+
+    taken = scores >= kth[:, None]
+    tied_rows = np.flatnonzero(rows_sorted[:, num_classes - k - 1] == kth)
+    if tied_rows.size:
+        row_scores = scores[tied_rows]
+        row_kth = kth[tied_rows, None]
+        above = row_scores > row_kth
+        at_cut = row_scores == row_kth
+        free_slots = k - np.count_nonzero(above, axis=1)
+        taken[tied_rows] = above | (at_cut & (np.cumsum(at_cut, axis=1) <= free_slots[:, None]))
+    return pooled, scores[taken & targets]
+
+
+def gap_at_k(scores, targets, k: int | None = 10) -> float:
+    """YouTube-8M global average precision over the pooled top-k predictions of every image.
+
+    Dividing by all positives of the ground truth (not only those that reached the top k) is what makes GAP@k
+    penalise a model for positives it ranked below k. `k=None`, or any k >= C, pools every class. Classes tied
+    at an image's top-k cut are taken in class-index order; tied pooled scores share the end-of-block precision.
+    Raises ValueError when the ground truth has no positive: GAP is undefined then.
+    """
+    scores, targets = _check_inputs(scores, targets)
+    if k is not None:
+        k = _check_positive_int(k, "k")
+    return _gap(scores, targets, k)
+
+
+def _gap(scores: np.ndarray, targets: np.ndarray, k: int | None) -> float:
+    num_classes = scores.shape[1]
+    num_positives = np.count_nonzero(targets)
+    if num_positives == 0:
+        raise ValueError("GAP is undefined: targets contain no positive label")
+
+    if k is None or k >= num_classes:
+        pooled, hit_scores = scores.ravel(), scores[targets]
+    else:
+        pooled, hit_scores = _top_k_hit_scores(scores, targets, k)
+    return _precision_sum_at_hits(np.sort(pooled), np.sort(hit_scores)) / num_positives
+
+
+def _per_class_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-class AP on already checked inputs (NaN for classes without a positive)."""
+    columns_sorted = np.sort(scores, axis=0).T
+    ap = np.full(scores.shape[1], np.nan)
+    for c in np.flatnonzero(targets.any(axis=0)):
+        hits_sorted = np.sort(scores[targets[:, c], c])
+        ap[c] = _precision_sum_at_hits(columns_sorted[c], hits_sorted) / hits_sorted.size
+    return ap
+
+
+def per_class_average_precision(scores, targets) -> np.ndarray:
+    """Non-interpolated AP of each class's ranking of the images; NaN where a class has no positive."""
+    return _per_class_ap(*_check_inputs(scores, targets))
+
+
+def _majority_classes(targets: np.ndarray, top_n: int) -> np.ndarray:
+    """Indices of the top_n classes with most positives; a stable sort breaks count ties by lower class index."""
+    counts = np.count_nonzero(targets, axis=0)
+    return np.argsort(-counts, kind="stable")[:top_n]
+
+
+def _mean_ignoring_empty(ap: np.ndarray) -> float:
+    if np.isnan(ap).all():
+        raise ValueError("mAP is undefined: no class has a positive label")
+    return float(np.nanmean(ap))
+
+
+def mean_average_precision(scores, targets, top_n: int | None = None) -> float:
+    """Macro mean of per-class AP over classes with at least one positive.
+
+    `top_n` restricts the mean to the top_n classes with most positives, as the paper reports mAP over its 32
+    majority classes. Raises ValueError when no (selected) class has a positive.
+    """
+    scores, targets = _check_inputs(scores, targets)
+    if top_n is not None:
+        top_n = _check_positive_int(top_n, "top_n")
+        classes = _majority_classes(targets, top_n)
+        scores, targets = scores[:, classes], targets[:, classes]
+    return _mean_ignoring_empty(_per_class_ap(scores, targets))
+
+
+def _tune_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    num_images = scores.shape[0]
+    columns_sorted = np.sort(scores, axis=0).T
+    thresholds = np.full(scores.shape[1], np.inf)
+    for c in np.flatnonzero(targets.any(axis=0)):
+        hits_sorted = np.sort(scores[targets[:, c], c])
+        true_positives = hits_sorted.size - np.searchsorted(hits_sorted, hits_sorted, side="left")
+        predicted = num_images - np.searchsorted(columns_sorted[c], hits_sorted, side="left")
+        f1 = 2 * true_positives / (predicted + hits_sorted.size)
+        thresholds[c] = hits_sorted[np.flatnonzero(f1 == f1.max())[-1]]
+    return thresholds
+
+
+def tune_thresholds(scores, targets) -> np.ndarray:
+    """Per-class threshold (predict positive when score >= threshold) that maximises F1, e.g. on a validation split.
+
+    Only positives' scores need trying: moving a threshold up from just above one positive to the next keeps the
+    true positives and drops false ones, so the best threshold in that stretch is the next positive's score. Among
+    equal F1 the higher threshold wins. A class with no positive gets +inf, i.e. it is never predicted.
+    """
+    return _tune_thresholds(*_check_inputs(scores, targets))
+
+
+def _divide_or_zero(numerator, denominator):
+    numerator = np.asarray(numerator, dtype=np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=np.asarray(denominator) > 0)
+
+
+def _check_thresholds(thresholds, num_classes: int) -> np.ndarray:
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (num_classes,):
+        raise ValueError(f"thresholds must have one value per class ({num_classes}), got shape {thresholds.shape}")
+    if np.isnan(thresholds).any():
+        raise ValueError("thresholds contain NaN")
+    return thresholds
+
+
+def _precision_recall_f1(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> dict:
+    predicted = scores >= thresholds
+    true_positives = np.count_nonzero(predicted & targets, axis=0)
+    predicted_positives = np.count_nonzero(predicted, axis=0)
+    positives = np.count_nonzero(targets, axis=0)
+    f1 = _divide_or_zero(2 * true_positives, predicted_positives + positives)
+    micro_tp = true_positives.sum()
+    has_positive = positives > 0
+    return {
+        "precision": _divide_or_zero(true_positives, predicted_positives),
+        "recall": _divide_or_zero(true_positives, positives),
+        "f1": f1,
+        "micro_precision": float(_divide_or_zero(micro_tp, predicted_positives.sum())),
+        "micro_recall": float(_divide_or_zero(micro_tp, positives.sum())),
+        "micro_f1": float(_divide_or_zero(2 * micro_tp, predicted_positives.sum() + positives.sum())),
+        "macro_f1": float(f1[has_positive].mean()) if has_positive.any() else 0.0,
+    }
+
+
+def precision_recall_f1(scores, targets, thresholds) -> dict:
+    """Per-class and micro precision, recall and F1 of `score >= threshold` predictions, plus macro F1.
+
+    Any 0/0 (no prediction, no positive) counts as 0, so a class that is never predicted scores 0 rather than
+    making the report undefined. `macro_f1` averages F1 over classes with at least one positive, like mAP: a class
+    with no positive has nothing to recall.
+    """
+    scores, targets = _check_inputs(scores, targets)
+    return _precision_recall_f1(scores, targets, _check_thresholds(thresholds, scores.shape[1]))
+
+
+def _json_float(value) -> float | None:
+    """JSON has no NaN or inf; None stands for 'undefined' (NaN AP) or 'never predicted' (infinite threshold)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def evaluation_report(
+    scores,
+    targets,
+    class_names: Sequence[str],
+    *,
+    k: int = 10,
+    top_n: int | None = None,
+    thresholds=None,
+) -> dict:
+    """Every metric of DESIGN.md section 3 in one JSON-ready dict (plain floats, None for undefined values).
+
+    `gap_at_10` is always present because the evaluation gate and the CLI contract rely on it; `gap_at_{k}` is
+    added for another k. Threshold metrics appear only when thresholds (tuned on validation data) are given.
+    """
+    scores, targets = _check_inputs(scores, targets)
+    k = _check_positive_int(k, "k")
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != scores.shape[1]:
+        raise ValueError(f"class_names has {len(class_names)} names for {scores.shape[1]} classes")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError("class_names contain duplicates")
+
+    per_class_ap = _per_class_ap(scores, targets)
+    report: dict = {
+        "gap_at_10": _gap(scores, targets, 10),
+        "gap": _gap(scores, targets, None),
+        "map_macro": _mean_ignoring_empty(per_class_ap),
+        "per_class_ap": {name: _json_float(ap) for name, ap in zip(class_names, per_class_ap)},
+        "num_images": int(scores.shape[0]),
+        "num_classes": int(scores.shape[1]),
+        "num_positives": int(np.count_nonzero(targets)),
+    }
+    if k != 10:
+        report[f"gap_at_{k}"] = _gap(scores, targets, k)
+    if top_n is not None:
+        top_n = _check_positive_int(top_n, "top_n")
+        report["top_n"] = top_n
+        report["map_top_n"] = _mean_ignoring_empty(per_class_ap[_majority_classes(targets, top_n)])
+    if thresholds is not None:
+        thresholds = _check_thresholds(thresholds, scores.shape[1])
+        prf = _precision_recall_f1(scores, targets, thresholds)
+        report["thresholds"] = {name: _json_float(t) for name, t in zip(class_names, thresholds)}
+        for key in ("precision", "recall", "f1"):
+            report[key] = {name: float(v) for name, v in zip(class_names, prf[key])}
+        for key in ("micro_precision", "micro_recall", "micro_f1", "macro_f1"):
+            report[key] = prf[key]
+    return report

@@ -1,0 +1,142 @@
+"""Build classifiers from the config, and save/load them as self-contained model directories.
+
+A model directory holds `model.json` (architecture, classes and their prompts, preprocessing, thresholds,
+training metadata), `model.safetensors` (all weights) and `architecture/<name>.json` (the open_clip model config,
+so a directory trained on a project architecture loads anywhere). Nothing in it is a pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mumic_ml.backbone import Backbone, ImageNorm, create_backbone, register_model_config
+from mumic_ml.config import Head, ModelConfig
+from mumic_ml.io import atomic_directory, atomic_write_json, read_json
+from mumic_ml.model import LinearClassifier, MumicClassifier
+from mumic_ml.taxonomy import Taxonomy, save_taxonomy
+
+MODEL_FORMAT = "mumic-model"
+MODEL_FORMAT_VERSION = 1
+
+
+class ModelDirError(RuntimeError):
+    """A model directory is missing, incomplete or of an unknown format."""
+
+
+def build_classifier(
+    cfg: ModelConfig, class_prompts: list[list[str]], backbone: Backbone
+) -> MumicClassifier | LinearClassifier:
+    if cfg.head is Head.MUMIC:
+        return MumicClassifier(
+            backbone.clip,
+            backbone.tokenizer,
+            class_prompts,
+            init_temperature=cfg.init_temperature,
+            learn_temperature=cfg.learn_temperature,
+            max_inverse_temperature=cfg.max_inverse_temperature,
+            learn_bias=cfg.learn_bias,
+            init_bias=cfg.init_bias,
+            freeze_text=cfg.freeze_text,
+            freeze_image=cfg.freeze_image,
+        )
+    return LinearClassifier(
+        backbone.clip, len(class_prompts), backbone.model_config["embed_dim"], freeze_image=cfg.freeze_image
+    )
+
+
+@dataclass
+class LoadedModel:
+    classifier: MumicClassifier | LinearClassifier
+    image_norm: ImageNorm
+    class_names: list[str]
+    default_prompts: list[str]
+    thresholds: np.ndarray | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def supports_zero_shot(self) -> bool:
+        return isinstance(self.classifier, MumicClassifier)
+
+
+def save_model_dir(
+    out_dir: Path,
+    *,
+    classifier: nn.Module,
+    backbone_name: str,
+    backbone_config: dict,
+    model_cfg: ModelConfig,
+    image_norm: ImageNorm,
+    taxonomy: Taxonomy,
+    class_names: list[str],
+    class_prompts: list[list[str]],
+    thresholds: np.ndarray | None,
+    metadata: dict[str, Any],
+) -> Path:
+    """Write the directory under a temporary name and swap it in whole: readers never see half a model."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+                  staging / "model.safetensors")
+        (staging / "architecture").mkdir()
+        atomic_write_json(staging / "architecture" / f"{backbone_name}.json", backbone_config)
+        save_taxonomy(taxonomy, staging / "taxonomy.yaml")
+        atomic_write_json(
+            staging / "model.json",
+            {
+                "format": MODEL_FORMAT,
+                "format_version": MODEL_FORMAT_VERSION,
+                "backbone": backbone_name,
+                "model": model_cfg.model_dump(mode="json"),
+                "image_norm": {"size": image_norm.size, "mean": list(image_norm.mean), "std": list(image_norm.std)},
+                "class_names": class_names,
+                "class_prompts": class_prompts,
+                "default_prompts": list(taxonomy.default_prompts),
+                "thresholds": None if thresholds is None else [_finite_or_none(t) for t in thresholds],
+                "metadata": metadata,
+            },
+        )
+    return out_dir
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    path = Path(path)
+    spec_path = path / "model.json"
+    weights_path = path / "model.safetensors"
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise ModelDirError(f"{path} is not a MuMIC model directory (needs model.json and model.safetensors)")
+    spec = read_json(spec_path)
+    if spec.get("format") != MODEL_FORMAT or spec.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ModelDirError(f"{spec_path}: unknown format {spec.get('format')!r} v{spec.get('format_version')!r}")
+    name = spec["backbone"]
+    arch_file = path / "architecture" / f"{name}.json"
+    if arch_file.is_file():
+        register_model_config(name, read_json(arch_file), arch_file.parent)
+    cfg = ModelConfig.model_validate({**spec["model"], "pretrained": None})
+    backbone = create_backbone(name, None, device="cpu")
+    classifier = build_classifier(cfg, spec["class_prompts"], backbone)
+    state = load_file(weights_path)
+    missing, unexpected = classifier.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelDirError(f"{weights_path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    classifier.to(device).eval()
+    norm = spec["image_norm"]
+    thresholds = spec.get("thresholds")
+    return LoadedModel(
+        classifier=classifier,
+        image_norm=ImageNorm(int(norm["size"]), tuple(norm["mean"]), tuple(norm["std"])),
+        class_names=list(spec["class_names"]),
+        default_prompts=list(spec["default_prompts"]),
+        thresholds=None if thresholds is None else np.array([np.inf if t is None else t for t in thresholds]),
+        metadata=spec.get("metadata", {}),
+    )

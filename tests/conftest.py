@@ -1,0 +1,46 @@
+import os
+
+# Tests never reach a model hub: a download attempt must fail fast instead of hanging on the closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """A small demo world taken through ingest and split, shared by the training and CLI tests."""
+
+    root: Path
+    raw: Path
+    ingested: Path
+    splits: Path
+    taxonomy: Path
+    cache: Path
+
+
+def build_tiny_world(root: Path, n_images: int) -> TinyWorld:
+    from mumic_ml.demo_world import generate_demo_world
+    from mumic_ml.ingest import ingest
+    from mumic_ml.split import split_manifest
+    from mumic_ml.taxonomy import load_taxonomy
+
+    world = generate_demo_world(root / "raw", n_images=n_images, image_size=64, seed=0)
+    taxonomy = load_taxonomy(world.taxonomy_path)
+    ingest(world.manifest_path, world.root, root / "ingested", taxonomy=taxonomy)
+    split_manifest(
+        root / "ingested" / "manifest.parquet",
+        root / "splits",
+        {"train": 0.6, "val": 0.2, "test": 0.2},
+        seed=0,
+        taxonomy_names=taxonomy.names,
+    )
+    return TinyWorld(root, world.root, root / "ingested", root / "splits", world.taxonomy_path, root / "cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"), n_images=240)

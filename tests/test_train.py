@@ -1,0 +1,184 @@
+"""Training end to end on a tiny demo world: it learns, it resumes exactly, it runs under DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mumic_ml.config import Params
+from mumic_ml.data import epoch_batches, label_matrix, read_split
+from mumic_ml.evaluate import evaluate_model
+from mumic_ml.metrics import gap_at_k
+from mumic_ml.train import lr_factor, parameter_groups, train
+
+FAST = {"train.batch_size": 16, "train.epochs": 2, "train.early_stopping_patience": None}
+
+
+def _params(**overrides):
+    return Params().updated({**FAST, **overrides})
+
+
+def _train(world, tmp_path, params, **kwargs):
+    return train(
+        params, splits_dir=world.splits, images_root=world.ingested, taxonomy_path=world.taxonomy,
+        run_dir=tmp_path / "run", model_dir=tmp_path / "model", cache_dir=world.cache, progress=False, **kwargs,
+    )
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
+    a = epoch_batches(50, 8, seed=1, epoch=3)
+    assert a == epoch_batches(50, 8, seed=1, epoch=3)
+    assert a != epoch_batches(50, 8, seed=1, epoch=4)
+    assert all(len(b) == 8 for b in a) and len(a) == 6
+    ranks = [epoch_batches(50, 8, seed=1, epoch=0, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
+    assert sum(epoch_batches(50, 8, seed=0, epoch=0, shuffle=False), []) == list(range(50))
+
+
+def test_parameter_groups_separate_towers_and_skip_decay_on_1d(tiny_world):
+    from mumic_ml.backbone import create_backbone
+    from mumic_ml.model_io import build_classifier
+
+    params = _params()
+    backbone = create_backbone("mumic-tiny", None)
+    model = build_classifier(params.model, [["a"], ["b"]], backbone)
+    groups = {g["name"]: g for g in parameter_groups(model, params)}
+    assert set(groups) == {"image_decay", "image_no_decay", "text_decay", "text_no_decay", "head_no_decay"}
+    assert groups["head_no_decay"]["params"] == [model.log_inv_temperature]
+    assert groups["image_no_decay"]["weight_decay"] == 0.0 and groups["image_decay"]["weight_decay"] == 0.05
+    assert all(p.ndim < 2 for g in groups.values() if "no_decay" in g["name"] for p in g["params"])
+    assert groups["text_decay"]["peak_lr"] == params.train.lr_text
+
+
+def test_training_writes_a_loadable_model_with_history(tiny_world, tmp_path):
+    result = _train(tiny_world, tmp_path, _params())
+    assert result.epochs_run == 2 and len(result.history) == 2
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    report = evaluate_model(
+        tmp_path / "model", tiny_world.splits / "test.parquet", tiny_world.ingested, tmp_path / "metrics.json",
+        cache_dir=tiny_world.cache,
+    )
+    for key in ("gap_at_10", "gap", "map_macro", "per_class_ap"):
+        assert key in report
+    assert 0.0 <= report["gap_at_10"] <= 1.0
+
+
+def test_held_out_classes_are_removed_from_training_and_scored_zero_shot(tiny_world, tmp_path):
+    params = _params(**{"train.epochs": 1, "train.held_out_classes": ["red circle"]})
+    _train(tiny_world, tmp_path, params)
+    report = evaluate_model(
+        tmp_path / "model", tiny_world.splits / "test.parquet", tiny_world.ingested, tmp_path / "metrics.json",
+        cache_dir=tiny_world.cache,
+    )
+    assert "red circle" not in report["per_class_ap"]
+    assert report["zero_shot"]["classes"] == ["red circle"]
+    assert 0.0 <= report["zero_shot"]["map_held_out"] <= 1.0
+
+
+def test_unknown_held_out_class_is_an_error(tiny_world, tmp_path):
+    with pytest.raises(ValueError, match="not in the taxonomy"):
+        _train(tiny_world, tmp_path, _params(**{"train.held_out_classes": ["purple unicorn"]}))
+
+
+@pytest.mark.slow
+def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_path):
+    from conftest import build_tiny_world
+
+    world = build_tiny_world(tmp_path_factory.mktemp("learn_world"), n_images=900)
+    _train(world, tmp_path, Params().updated({"train.epochs": 8, "train.batch_size": 32}))
+    report = evaluate_model(
+        tmp_path / "model", world.splits / "test.parquet", world.ingested, tmp_path / "metrics.json",
+        cache_dir=world.cache,
+    )
+    frame = read_split(world.splits / "test.parquet")
+    targets = label_matrix(frame["labels"], list(report["per_class_ap"]))
+    rng = np.random.default_rng(0)
+    random_gap = np.mean([gap_at_k(rng.random(targets.shape), targets) for _ in range(5)])
+    train_targets = label_matrix(read_split(world.splits / "train.parquet")["labels"], list(report["per_class_ap"]))
+    prior = np.tile(train_targets.mean(0), (len(targets), 1)) + rng.random(targets.shape) * 1e-6
+    prior_gap = gap_at_k(prior, targets)
+    assert report["gap_at_10"] > 2 * random_gap
+    assert report["gap_at_10"] > prior_gap + 0.1, (report["gap_at_10"], prior_gap)
+
+
+def _cli_train(world, tmp_path, *extra):
+    return [
+        sys.executable, "-m", "mumic_ml", "train", "--no-progress",
+        "--splits", str(world.splits), "--images-root", str(world.ingested), "--taxonomy", str(world.taxonomy),
+        "--cache-dir", str(world.cache), "--run-dir", str(tmp_path / "run"), "--model-dir", str(tmp_path / "model"),
+        "--set", "train.batch_size=16", "--set", "train.epochs=3", "--set", "train.early_stopping_patience=null",
+        "--set", "train.checkpoint_every_steps=4", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_bitwise_identical_weights(tiny_world, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    straight = tmp_path / "straight"
+    subprocess.run(_cli_train(tiny_world, straight), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_train(tiny_world, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    # Kill once a mid-training checkpoint exists (the second epoch has begun), wherever the process then is.
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = killed / "run" / "latest.json"
+        if latest.exists() and '"global_step": 1' in latest.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+
+    subprocess.run(_cli_train(tiny_world, killed, "--resume"), check=True, env=env, capture_output=True)
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_world, tmp_path):
+    from mumic_ml.checkpoint import CheckpointError
+
+    _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
+    with pytest.raises(CheckpointError, match="another configuration"):
+        _train(tiny_world, tmp_path, _params(**{"train.epochs": 1, "train.lr_image": 0.1}), resume=True)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_world, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "mumic_ml", "train", "--no-progress",
+        "--splits", str(tiny_world.splits), "--images-root", str(tiny_world.ingested),
+        "--taxonomy", str(tiny_world.taxonomy), "--cache-dir", str(tiny_world.cache),
+        "--run-dir", str(tmp_path / "run"), "--model-dir", str(tmp_path / "model"),
+        "--set", "train.batch_size=8", "--set", "train.epochs=1", "--set", "train.device=cpu",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_file(tmp_path / "model" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+    import json
+
+    metadata = json.loads((tmp_path / "model" / "model.json").read_text())["metadata"]
+    assert metadata["world_size"] == 2
