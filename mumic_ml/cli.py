@@ -90,7 +90,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     manifest = Path(args.manifest or params.paths.ingested / "manifest.parquet")
     names = load_taxonomy(args.taxonomy).names if args.taxonomy else None
     report = split_manifest(
-        manifest, Path(args.out or params.paths.splits), params.split.fractions, params.split.seed,
+        manifest,
+        Path(args.out or params.paths.splits),
+        params.split.fractions,
+        params.split.seed,
         taxonomy_names=names,
     )
     sizes = {name: info["n_images"] for name, info in report["splits"].items()}
@@ -202,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="parameter file (default: params.yaml)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. --set train.epochs=3 (repeatable)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set train.epochs=3 (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-data", parents=[common], help="generate the procedural demo world")
@@ -251,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, help="labels per image (default: predict.top_k)")
     p.add_argument("--threshold", type=float, help="only labels with probability >= this")
-    p.add_argument("--extra-class", action="append", default=[], metavar="NAME",
-                   help="also score this class name zero-shot (repeatable)")
+    p.add_argument(
+        "--extra-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score this class name zero-shot (repeatable)",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 
@@ -268,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own progress at INFO; third-party chatter (open_clip logs every model build at INFO) only at WARNING.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("mumic_ml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from mumic_ml.backbone import BackboneError
     from mumic_ml.checkpoint import CheckpointError
@@ -278,7 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CommandError, ConfigError, ManifestError, TaxonomyError, BackboneError, CheckpointError,
-            ModelDirError, FileNotFoundError) as exc:
+    except (
+        CommandError,
+        ConfigError,
+        ManifestError,
+        TaxonomyError,
+        BackboneError,
+        CheckpointError,
+        ModelDirError,
+        FileNotFoundError,
+    ) as exc:
         print(f"mumic {args.command}: error: {exc}", file=sys.stderr)
         return 2

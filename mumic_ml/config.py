@@ -63,7 +63,7 @@ class SplitConfig(_Section):
         return value
 
 
-class Head(str, enum.Enum):
+class Head(enum.StrEnum):
     MUMIC = "mumic"  # cosine to class text embeddings, tempered sigmoid
     LINEAR = "linear"  # free linear layer on the image embedding (baseline)
 
@@ -71,8 +71,9 @@ class Head(str, enum.Enum):
 class ModelConfig(_Section):
     backbone: str = Field("mumic-tiny", description="open_clip model name, e.g. ViT-B-32, or a project config.")
     pretrained: str | None = Field(
-        None, description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b79k'), a local checkpoint file, "
-        "or null for random initialisation."
+        None,
+        description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b79k'), a local checkpoint file, "
+        "or null for random initialisation.",
     )
     head: Head = Head.MUMIC
     init_temperature: float | None = Field(
@@ -86,13 +87,13 @@ class ModelConfig(_Section):
     freeze_image: bool = False
 
 
-class Loss(str, enum.Enum):
+class Loss(enum.StrEnum):
     TEMPERED_SIGMOID_BCE = "tempered_sigmoid_bce"
     BCE = "bce"
     ASL = "asl"
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     AUTO = "auto"  # bf16 autocast on CUDA where supported, fp16 with a grad scaler otherwise, fp32 on CPU
     FP32 = "fp32"
     BF16 = "bf16"
@@ -190,9 +191,10 @@ class Params(_Section):
             raise ValueError("train.loss 'tempered_sigmoid_bce' needs model.head 'mumic'")
         if self.train.loss is Loss.BCE and self.model.head is Head.MUMIC:
             raise ValueError("model.head 'mumic' trains with train.loss 'tempered_sigmoid_bce' (or 'asl'), not 'bce'")
-        if self.model.freeze_image and self.model.freeze_text:
-            if self.model.head is Head.MUMIC and not self.model.learn_temperature and not self.model.learn_bias:
-                raise ValueError("nothing to train: both towers frozen and no learned temperature or bias")
+        towers_frozen = self.model.freeze_image and self.model.freeze_text
+        head_fixed = self.model.head is Head.MUMIC and not (self.model.learn_temperature or self.model.learn_bias)
+        if towers_frozen and head_fixed:
+            raise ValueError("nothing to train: both towers frozen and no learned temperature or bias")
         return self
 
     def updated(self, overrides: dict[str, Any]) -> Params:

@@ -362,9 +362,7 @@ def _prepare_target(root: Path) -> None:
     raise FileExistsError(f"{root} exists and is not a demo world; choose an empty or new folder")
 
 
-def generate_demo_world(
-    out_dir: str | Path, *, n_images: int = 2000, image_size: int = 64, seed: int = 0
-) -> DemoWorld:
+def generate_demo_world(out_dir: str | Path, *, n_images: int = 2000, image_size: int = 64, seed: int = 0) -> DemoWorld:
     """Write a complete demo world to `out_dir`, replacing a previous one only once the new one is whole."""
     if not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
@@ -421,9 +419,7 @@ def load_demo_world(out_dir: str | Path) -> DemoWorld:
     )
 
 
-def corrupt_labels(
-    label_matrix: np.ndarray, *, missing_rate: float, spurious_rate: float, seed: int
-) -> np.ndarray:
+def corrupt_labels(label_matrix: np.ndarray, *, missing_rate: float, spurious_rate: float, seed: int) -> np.ndarray:
     """Simulate annotation noise in training labels: drop positives (the common kind) and add false ones."""
     for name, rate in (("missing_rate", missing_rate), ("spurious_rate", spurious_rate)):
         if not 0.0 <= rate < 1.0:

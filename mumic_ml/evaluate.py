@@ -42,7 +42,9 @@ def compute_scores(
         if with_embeddings:
             embeddings.append(out.image_features.float().cpu())
     classifier.train(was_training)
-    n_classes = getattr(classifier, "num_classes", 0) + (0 if extra_class_features is None else len(extra_class_features))
+    n_classes = getattr(classifier, "num_classes", 0) + (
+        0 if extra_class_features is None else len(extra_class_features)
+    )
     probs = torch.cat(scores).numpy() if scores else np.zeros((0, n_classes), np.float32)
     return probs, (torch.cat(embeddings).numpy() if with_embeddings and embeddings else None)
 
@@ -72,7 +74,11 @@ def evaluate_model(
     preparer = ImagePreparer(loaded.image_norm, torch.device(device))
     probs, _ = compute_scores(loaded.classifier, dataset, preparer, batch_size=batch_size)
     report = evaluation_report(
-        probs, targets, loaded.class_names, k=k, top_n=min(top_n_classes, len(loaded.class_names)) if top_n_classes else None,
+        probs,
+        targets,
+        loaded.class_names,
+        k=k,
+        top_n=min(top_n_classes, len(loaded.class_names)) if top_n_classes else None,
         thresholds=loaded.thresholds,
     )
     held_out = list(loaded.metadata.get("held_out_classes", []))
@@ -99,12 +105,12 @@ def zero_shot_report(
     probs, _ = compute_scores(loaded.classifier, dataset, preparer, batch_size=batch_size, extra_class_features=extra)
     names = loaded.class_names + held_out
     targets = label_matrix(frame["labels"], names)
-    held = targets[:, len(loaded.class_names):]
+    held = targets[:, len(loaded.class_names) :]
     result: dict[str, Any] = {"classes": held_out}
     if held.sum() == 0:
         result["note"] = "no positives of the held-out classes in this split"
         return result
-    held_scores = probs[:, len(loaded.class_names):]
+    held_scores = probs[:, len(loaded.class_names) :]
     result["map_held_out"] = float(mean_average_precision(held_scores, held))
     result["gap_at_10_held_out"] = float(gap_at_k(held_scores, held, k=min(k, held.shape[1])))
     result["per_class_ap"] = {

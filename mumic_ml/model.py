@@ -137,7 +137,9 @@ class MumicClassifier(nn.Module):
         self._class_cache: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> MumicClassifier:
-        self._class_cache = None
+        # Weights can only have changed if we are or were training; eval() on an eval model keeps the cache.
+        if mode or self.training:
+            self._class_cache = None
         return super().train(mode)
 
     @property

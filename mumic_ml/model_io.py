@@ -82,8 +82,10 @@ def save_model_dir(
     """Write the directory under a temporary name and swap it in whole: readers never see half a model."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
-        save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
-                  staging / "model.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+            staging / "model.safetensors",
+        )
         (staging / "architecture").mkdir()
         atomic_write_json(staging / "architecture" / f"{backbone_name}.json", backbone_config)
         save_taxonomy(taxonomy, staging / "taxonomy.yaml")

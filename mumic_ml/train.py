@@ -186,6 +186,48 @@ def parameter_groups(model: nn.Module, params: Params) -> list[dict[str, Any]]:
     return groups
 
 
+@dataclass
+class Stepper:
+    """One micro-batch forward/backward and one optimizer update: what the loop runs and the benchmark times."""
+
+    model: nn.Module  # the task, possibly compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+
+    def backward(
+        self, images: torch.Tensor, targets: torch.Tensor, sync_gradients: bool = True
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Accumulate gradients of one micro-batch; returns its (undivided) loss, detached."""
+        sync = contextlib.nullcontext()
+        if not sync_gradients and isinstance(self.model, DistributedDataParallel):
+            sync = self.model.no_sync()  # all-reduce once per optimizer step, not per micro-batch
+        with sync:
+            with self.autocast():
+                losses, report = self.model(images, targets)
+                loss = total_loss(losses)
+            scaled = loss / self.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach(), report
+
+    def update(self, lr_scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -254,7 +296,9 @@ def train(
     train_targets = label_matrix(frames["train"]["labels"], class_names)
     if cfg.label_noise.missing or cfg.label_noise.spurious:
         train_targets = corrupt_labels(
-            train_targets, missing_rate=cfg.label_noise.missing, spurious_rate=cfg.label_noise.spurious,
+            train_targets,
+            missing_rate=cfg.label_noise.missing,
+            spurious_rate=cfg.label_noise.spurious,
             seed=cfg.label_noise.seed,
         )
     val_targets = label_matrix(frames["val"]["labels"], class_names)
@@ -269,7 +313,8 @@ def train(
     if len(train_set) < cfg.batch_size * cfg.accumulation_steps * dist_info.world_size:
         raise ValueError(
             f"the train split has {len(train_set)} images, fewer than one step needs "
-            f"(batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {dist_info.world_size} ranks)"
+            f"(batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
+            f"x {dist_info.world_size} ranks)"
         )
 
     channels_last = cfg.channels_last and device.type == "cuda"
@@ -344,25 +389,37 @@ def train(
             keep=cfg.keep_checkpoints,
         )
 
+    stepper = Stepper(model_for_step, optimizer, autocast, scaler, cfg.accumulation_steps, cfg.grad_clip_norm)
     model_for_step.train()
     while not state.finished and state.epoch < cfg.epochs:
         epoch = state.epoch
         batches = epoch_batches(
-            len(train_set), cfg.batch_size, seed=cfg.seed, epoch=epoch,
-            rank=dist_info.rank, world_size=dist_info.world_size,
+            len(train_set),
+            cfg.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
         )[: steps_per_epoch * cfg.accumulation_steps]
         first_micro = state.step_in_epoch * cfg.accumulation_steps
         loader = DataLoader(
-            train_set, batch_sampler=batches[first_micro:], num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=False,
+            train_set,
+            batch_sampler=batches[first_micro:],
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
         )
         losses_seen: list[torch.Tensor] = []
         report: dict[str, Any] = {}
         started = time.perf_counter()
         images_seen = 0
         bar = tqdm(
-            total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (progress and dist_info.is_main), leave=False, dynamic_ncols=True,
+            total=steps_per_epoch,
+            initial=state.step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (progress and dist_info.is_main),
+            leave=False,
+            dynamic_ncols=True,
         )
         for offset, (images, targets) in enumerate(loader):
             micro = first_micro + offset
@@ -374,34 +431,12 @@ def train(
             x = preparer(images, flips)
             y = targets.to(device, non_blocking=True)
             last_micro = (micro + 1) % cfg.accumulation_steps == 0
-            sync = contextlib.nullcontext()
-            if dist_info.world_size > 1 and not last_micro:
-                sync = model_for_step.no_sync()
-            with sync:
-                with autocast():
-                    losses, report = model_for_step(x, y)
-                    loss = total_loss(losses) / cfg.accumulation_steps
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            losses_seen.append(loss.detach() * cfg.accumulation_steps)
+            loss, report = stepper.backward(x, y, sync_gradients=last_micro)
+            losses_seen.append(loss)
             images_seen += images.shape[0]
             if not last_micro:
                 continue
-            factor = lr_factor(state.global_step, total_steps, warmup_steps, cfg.min_lr_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.update(lr_factor(state.global_step, total_steps, warmup_steps, cfg.min_lr_fraction))
             state.global_step += 1
             state.step_in_epoch += 1
             bar.update(1)
@@ -420,8 +455,9 @@ def train(
         stop = torch.zeros(1, device=device)
         if dist_info.is_main:
             classifier.eval()
-            val_probs, _ = compute_scores(classifier, val_set, preparer, batch_size=params.evaluate.batch_size,
-                                          autocast=autocast)
+            val_probs, _ = compute_scores(
+                classifier, val_set, preparer, batch_size=params.evaluate.batch_size, autocast=autocast
+            )
             classifier.train()
             val_gap = float(gap_at_k(val_probs, val_targets, k=params.evaluate.k))
             val_map = float(mean_average_precision(val_probs, val_targets)) if val_targets.any() else float("nan")
@@ -433,17 +469,27 @@ def train(
             else:
                 state.epochs_without_improvement += 1
             epoch_report = EpochReport(
-                epoch=epoch, global_step=state.global_step, train_loss=train_loss, val_gap_at_10=val_gap,
+                epoch=epoch,
+                global_step=state.global_step,
+                train_loss=train_loss,
+                val_gap_at_10=val_gap,
                 val_map=val_map,
                 temperature=float(report["temperature"]) if "temperature" in report else None,
                 bias=float(report["bias"]) if "bias" in report else None,
                 learning_rate=optimizer.param_groups[0]["lr"],
-                images_per_second=images_seen * dist_info.world_size / max(elapsed, 1e-9), is_best=is_best,
+                images_per_second=images_seen * dist_info.world_size / max(elapsed, 1e-9),
+                is_best=is_best,
             )
             state.history.append(asdict(epoch_report))
             log.info(
-                "epoch %d: loss %.4f  val GAP@%d %.4f  val mAP %.4f  %.0f img/s%s", epoch + 1, train_loss,
-                params.evaluate.k, val_gap, val_map, epoch_report.images_per_second, "  (best)" if is_best else "",
+                "epoch %d: loss %.4f  val GAP@%d %.4f  val mAP %.4f  %.0f img/s%s",
+                epoch + 1,
+                train_loss,
+                params.evaluate.k,
+                val_gap,
+                val_map,
+                epoch_report.images_per_second,
+                "  (best)" if is_best else "",
             )
             patience = cfg.early_stopping_patience
             if patience is not None and state.epochs_without_improvement >= patience:
@@ -459,14 +505,34 @@ def train(
             on_epoch_end(epoch_report)
 
     result = TrainResult(
-        model_dir=Path(model_dir), run_dir=run_dir, best_epoch=state.best_epoch,
-        best_val_gap_at_10=state.best_val_gap_at_10, epochs_run=state.epoch, resumed_from=resumed_from,
-        history=state.history, data_fingerprint=fingerprint,
+        model_dir=Path(model_dir),
+        run_dir=run_dir,
+        best_epoch=state.best_epoch,
+        best_val_gap_at_10=state.best_val_gap_at_10,
+        epochs_run=state.epoch,
+        resumed_from=resumed_from,
+        history=state.history,
+        data_fingerprint=fingerprint,
     )
     if dist_info.is_main:
         _export_best(
-            params, classifier, backbone, taxonomy, class_names, class_prompts, held_out, val_set, val_targets,
-            preparer, autocast, run_dir, Path(model_dir), state, fingerprint, precision_used, dist_info.world_size,
+            params,
+            classifier,
+            backbone,
+            taxonomy,
+            class_names,
+            class_prompts,
+            held_out,
+            val_set,
+            val_targets,
+            preparer,
+            autocast,
+            run_dir,
+            Path(model_dir),
+            state,
+            fingerprint,
+            precision_used,
+            dist_info.world_size,
         )
     if dist_info.world_size > 1:
         dist.barrier()
@@ -474,10 +540,23 @@ def train(
 
 
 def _export_best(
-    params: Params, classifier: nn.Module, backbone, taxonomy: Taxonomy, class_names: list[str],
-    class_prompts: list[list[str]], held_out: list[str], val_set: CachedImageDataset, val_targets: np.ndarray,
-    preparer: ImagePreparer, autocast, run_dir: Path, model_dir: Path, state: TrainState, fingerprint: str,
-    precision_used: str, world_size: int,
+    params: Params,
+    classifier: nn.Module,
+    backbone,
+    taxonomy: Taxonomy,
+    class_names: list[str],
+    class_prompts: list[list[str]],
+    held_out: list[str],
+    val_set: CachedImageDataset,
+    val_targets: np.ndarray,
+    preparer: ImagePreparer,
+    autocast,
+    run_dir: Path,
+    model_dir: Path,
+    state: TrainState,
+    fingerprint: str,
+    precision_used: str,
+    world_size: int,
 ) -> None:
     """Load the best epoch's weights, tune per-class thresholds on validation, write the model directory."""
     best = copy.deepcopy(classifier).cpu()

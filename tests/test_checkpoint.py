@@ -42,7 +42,10 @@ def test_flatten_refuses_arbitrary_objects():
 def test_optimizer_state_survives_exactly(tmp_path):
     model, optimizer = _optimizer_state()
     path = save_checkpoint(
-        tmp_path, global_step=7, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+        tmp_path,
+        global_step=7,
+        model_state=model.state_dict(),
+        optimizer_state=optimizer.state_dict(),
         state={"train_state": {"epoch": 1}},
     )
     assert latest_checkpoint(tmp_path) == path
@@ -59,24 +62,36 @@ def test_optimizer_state_survives_exactly(tmp_path):
 def test_old_checkpoints_are_pruned(tmp_path):
     model, optimizer = _optimizer_state()
     for step in range(1, 5):
-        save_checkpoint(tmp_path, global_step=step, model_state=model.state_dict(),
-                        optimizer_state=optimizer.state_dict(), state={}, keep=2)
+        save_checkpoint(
+            tmp_path,
+            global_step=step,
+            model_state=model.state_dict(),
+            optimizer_state=optimizer.state_dict(),
+            state={},
+            keep=2,
+        )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-000000003", "step-000000004"]
 
 
 def test_crash_while_writing_leaves_previous_checkpoint_current(tmp_path, monkeypatch):
     model, optimizer = _optimizer_state()
-    good = save_checkpoint(tmp_path, global_step=1, model_state=model.state_dict(),
-                           optimizer_state=optimizer.state_dict(), state={"train_state": {"epoch": 1}})
+    good = save_checkpoint(
+        tmp_path,
+        global_step=1,
+        model_state=model.state_dict(),
+        optimizer_state=optimizer.state_dict(),
+        state={"train_state": {"epoch": 1}},
+    )
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("mumic_ml.checkpoint.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, global_step=2, model_state=model.state_dict(),
-                        optimizer_state=optimizer.state_dict(), state={})
+        save_checkpoint(
+            tmp_path, global_step=2, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), state={}
+        )
     assert latest_checkpoint(tmp_path) == good
     assert load_checkpoint(good).state["train_state"] == {"epoch": 1}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000001"]
@@ -96,8 +111,9 @@ def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path):
 def test_a_planted_pickle_is_never_loaded(tmp_path):
     """A checkpoint directory whose weights file is a pickle (could run code) is rejected, not unpickled."""
     model, optimizer = _optimizer_state()
-    path = save_checkpoint(tmp_path, global_step=1, model_state=model.state_dict(),
-                           optimizer_state=optimizer.state_dict(), state={})
+    path = save_checkpoint(
+        tmp_path, global_step=1, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), state={}
+    )
     marker = tmp_path / "pwned"
 
     class Exploit:

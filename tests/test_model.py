@@ -113,9 +113,17 @@ def test_model_directory_round_trip(tmp_path, head):
     taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
     classifier = build_classifier(cfg, PROMPTS, backbone).eval()
     save_model_dir(
-        tmp_path / "model", classifier=classifier, backbone_name="mumic-tiny", backbone_config=backbone.model_config,
-        model_cfg=cfg, image_norm=backbone.image_norm, taxonomy=taxonomy, class_names=taxonomy.names,
-        class_prompts=PROMPTS, thresholds=np.array([0.5, np.inf, 0.2]), metadata={"note": "test"},
+        tmp_path / "model",
+        classifier=classifier,
+        backbone_name="mumic-tiny",
+        backbone_config=backbone.model_config,
+        model_cfg=cfg,
+        image_norm=backbone.image_norm,
+        taxonomy=taxonomy,
+        class_names=taxonomy.names,
+        class_prompts=PROMPTS,
+        thresholds=np.array([0.5, np.inf, 0.2]),
+        metadata={"note": "test"},
     )
     assert not list(tmp_path.glob(".*staging"))
     loaded = load_model_dir(tmp_path / "model")

@@ -26,8 +26,15 @@ def _params(**overrides):
 
 def _train(world, tmp_path, params, **kwargs):
     return train(
-        params, splits_dir=world.splits, images_root=world.ingested, taxonomy_path=world.taxonomy,
-        run_dir=tmp_path / "run", model_dir=tmp_path / "model", cache_dir=world.cache, progress=False, **kwargs,
+        params,
+        splits_dir=world.splits,
+        images_root=world.ingested,
+        taxonomy_path=world.taxonomy,
+        run_dir=tmp_path / "run",
+        model_dir=tmp_path / "model",
+        cache_dir=world.cache,
+        progress=False,
+        **kwargs,
     )
 
 
@@ -70,7 +77,10 @@ def test_training_writes_a_loadable_model_with_history(tiny_world, tmp_path):
     assert result.epochs_run == 2 and len(result.history) == 2
     assert (tmp_path / "model" / "model.safetensors").is_file()
     report = evaluate_model(
-        tmp_path / "model", tiny_world.splits / "test.parquet", tiny_world.ingested, tmp_path / "metrics.json",
+        tmp_path / "model",
+        tiny_world.splits / "test.parquet",
+        tiny_world.ingested,
+        tmp_path / "metrics.json",
         cache_dir=tiny_world.cache,
     )
     for key in ("gap_at_10", "gap", "map_macro", "per_class_ap"):
@@ -82,7 +92,10 @@ def test_held_out_classes_are_removed_from_training_and_scored_zero_shot(tiny_wo
     params = _params(**{"train.epochs": 1, "train.held_out_classes": ["red circle"]})
     _train(tiny_world, tmp_path, params)
     report = evaluate_model(
-        tmp_path / "model", tiny_world.splits / "test.parquet", tiny_world.ingested, tmp_path / "metrics.json",
+        tmp_path / "model",
+        tiny_world.splits / "test.parquet",
+        tiny_world.ingested,
+        tmp_path / "metrics.json",
         cache_dir=tiny_world.cache,
     )
     assert "red circle" not in report["per_class_ap"]
@@ -102,7 +115,10 @@ def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_
     world = build_tiny_world(tmp_path_factory.mktemp("learn_world"), n_images=900)
     _train(world, tmp_path, Params().updated({"train.epochs": 8, "train.batch_size": 32}))
     report = evaluate_model(
-        tmp_path / "model", world.splits / "test.parquet", world.ingested, tmp_path / "metrics.json",
+        tmp_path / "model",
+        world.splits / "test.parquet",
+        world.ingested,
+        tmp_path / "metrics.json",
         cache_dir=world.cache,
     )
     frame = read_split(world.splits / "test.parquet")
@@ -118,11 +134,32 @@ def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_
 
 def _cli_train(world, tmp_path, *extra):
     return [
-        sys.executable, "-m", "mumic_ml", "train", "--no-progress",
-        "--splits", str(world.splits), "--images-root", str(world.ingested), "--taxonomy", str(world.taxonomy),
-        "--cache-dir", str(world.cache), "--run-dir", str(tmp_path / "run"), "--model-dir", str(tmp_path / "model"),
-        "--set", "train.batch_size=16", "--set", "train.epochs=3", "--set", "train.early_stopping_patience=null",
-        "--set", "train.checkpoint_every_steps=4", *extra,
+        sys.executable,
+        "-m",
+        "mumic_ml",
+        "train",
+        "--no-progress",
+        "--splits",
+        str(world.splits),
+        "--images-root",
+        str(world.ingested),
+        "--taxonomy",
+        str(world.taxonomy),
+        "--cache-dir",
+        str(world.cache),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.early_stopping_patience=null",
+        "--set",
+        "train.checkpoint_every_steps=4",
+        *extra,
     ]
 
 
@@ -133,8 +170,9 @@ def test_killed_training_resumes_to_bitwise_identical_weights(tiny_world, tmp_pa
     subprocess.run(_cli_train(tiny_world, straight), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_train(tiny_world, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli_train(tiny_world, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     # Kill once a mid-training checkpoint exists (the second epoch has begun), wherever the process then is.
     while time.monotonic() < deadline and proc.poll() is None:
@@ -167,12 +205,35 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_world, tmp_pa
 def test_two_process_ddp_on_cpu(tiny_world, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        "-m", "mumic_ml", "train", "--no-progress",
-        "--splits", str(tiny_world.splits), "--images-root", str(tiny_world.ingested),
-        "--taxonomy", str(tiny_world.taxonomy), "--cache-dir", str(tiny_world.cache),
-        "--run-dir", str(tmp_path / "run"), "--model-dir", str(tmp_path / "model"),
-        "--set", "train.batch_size=8", "--set", "train.epochs=1", "--set", "train.device=cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "mumic_ml",
+        "train",
+        "--no-progress",
+        "--splits",
+        str(tiny_world.splits),
+        "--images-root",
+        str(tiny_world.ingested),
+        "--taxonomy",
+        str(tiny_world.taxonomy),
+        "--cache-dir",
+        str(tiny_world.cache),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.device=cpu",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
