@@ -10,6 +10,7 @@ Three sources, one code path (open_clip's `create_model`), so the demo exercises
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,19 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns about random init at WARNING; here random init (or weights loaded after) is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_backbone(model_name: str, pretrained: str | None = None, *, device: str | torch.device = "cpu") -> Backbone:
     source = resolve_pretrained(model_name, pretrained)
+    quiet = _QuietRandomInit()
+    root = logging.getLogger()
+    if source is None:
+        root.addFilter(quiet)
     try:
         clip = open_clip.create_model(model_name, pretrained=source, device=device, weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -85,6 +97,8 @@ def create_backbone(model_name: str, pretrained: str | None = None, *, device: s
                 "here), or download the checkpoint file and set model.pretrained to its local path."
             ) from exc
         raise BackboneError(f"could not build {model_name} from {source or 'random init'}: {exc}") from exc
+    finally:
+        root.removeFilter(quiet)
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     return Backbone(

@@ -58,6 +58,7 @@ class LoadedModel:
     class_names: list[str]
     default_prompts: list[str]
     thresholds: np.ndarray | None
+    embedding_dim: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -140,5 +141,6 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         class_names=list(spec["class_names"]),
         default_prompts=list(spec["default_prompts"]),
         thresholds=None if thresholds is None else np.array([np.inf if t is None else t for t in thresholds]),
+        embedding_dim=int(backbone.model_config["embed_dim"]),
         metadata=spec.get("metadata", {}),
     )

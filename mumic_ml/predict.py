@@ -7,7 +7,7 @@ was built (shorter side resized, centre crop), so scores at serving time match s
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,10 @@ class Predictor:
         return cls(load_model_dir(model_dir, device=device), device=device, batch_size=batch_size)
 
     @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.model.class_names)
 
@@ -70,6 +74,21 @@ class Predictor:
         img = decode_image(source, max_pixels=DEFAULT_MAX_PIXELS, min_side=1)
         return resize_center_crop(img, self.model.image_norm.size)
 
+    def _batches(
+        self, images: Sequence[ImageSource], errors: list[str | None]
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Model-ready batches with the indices they hold; unreadable images are skipped and noted in `errors`."""
+        for start in range(0, len(images), self.batch_size):
+            arrays, rows = [], []
+            for i in range(start, min(start + self.batch_size, len(images))):
+                try:
+                    arrays.append(self._load(images[i]))
+                    rows.append(i)
+                except ImageRejected as exc:
+                    errors[i] = f"{exc.reason}: {exc}"
+            if arrays:
+                yield rows, self.preparer(torch.from_numpy(np.stack(arrays)))
+
     @torch.no_grad()
     def probabilities(
         self, images: Sequence[ImageSource], extra_classes: Sequence[str] = ()
@@ -79,18 +98,7 @@ class Predictor:
         all_names = self.class_names + names
         probs = np.full((len(images), len(all_names)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(images)
-        for start in range(0, len(images), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(images)))
-            arrays, rows = [], []
-            for i in chunk:
-                try:
-                    arrays.append(self._load(images[i]))
-                    rows.append(i)
-                except ImageRejected as exc:
-                    errors[i] = f"{exc.reason}: {exc}"
-            if not arrays:
-                continue
-            batch = self.preparer(torch.from_numpy(np.stack(arrays)))
+        for rows, batch in self._batches(images, errors):
             out = self.model.classifier(batch, extra)
             probs[rows] = torch.sigmoid(out.logits.float()).cpu().numpy()
         return all_names, probs, errors
@@ -119,26 +127,8 @@ class Predictor:
     @torch.no_grad()
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         """L2-normalised image embeddings (N x d; NaN rows for unreadable images) for search and de-duplication."""
-        dim: int | None = None
-        rows_out: dict[int, np.ndarray] = {}
         errors: list[str | None] = [None] * len(images)
-        for start in range(0, len(images), self.batch_size):
-            arrays, rows = [], []
-            for i in range(start, min(start + self.batch_size, len(images))):
-                try:
-                    arrays.append(self._load(images[i]))
-                    rows.append(i)
-                except ImageRejected as exc:
-                    errors[i] = f"{exc.reason}: {exc}"
-            if not arrays:
-                continue
-            features = self.model.classifier.image_features(self.preparer(torch.from_numpy(np.stack(arrays))))
-            features = features.float().cpu().numpy()
-            dim = features.shape[1]
-            rows_out.update(zip(rows, features))
-        if dim is None:
-            dim = 0
-        matrix = np.full((len(images), dim), np.nan, dtype=np.float32)
-        for i, vector in rows_out.items():
-            matrix[i] = vector
+        matrix = np.full((len(images), self.embedding_dim), np.nan, dtype=np.float32)
+        for rows, batch in self._batches(images, errors):
+            matrix[rows] = self.model.classifier.image_features(batch).float().cpu().numpy()
         return matrix, errors

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from mumic_ml.backbone import create_backbone
 from mumic_ml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from mumic_ml.config import Params, Precision
+from mumic_ml.config import Params, Precision, TrainConfig
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.demo_world import corrupt_labels
 from mumic_ml.evaluate import compute_scores
@@ -261,6 +261,85 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # torch.compile
 
 
+def _configure_runtime(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
+    """Device, process group, seeds and determinism switches, before anything is built."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device, dist_info
+
+
+def _restore_or_reset(
+    run_dir: Path,
+    *,
+    resume: bool,
+    run_signature: str,
+    classifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    is_main: bool,
+) -> tuple[TrainState, str | None]:
+    """Continue from the run directory's last checkpoint, or clear it so a fresh run never resumes a stale one."""
+    checkpoint_path = latest_checkpoint(run_dir) if resume else None
+    if checkpoint_path is None:
+        if is_main:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            for name in ("latest.json", "best.safetensors"):
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / name).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return TrainState(), None
+    loaded = load_checkpoint(checkpoint_path)
+    if loaded.state.get("run_signature") != run_signature:
+        raise CheckpointError(
+            f"{checkpoint_path} belongs to a run with another configuration or data; "
+            "start a fresh run (without --resume) or point --run-dir elsewhere"
+        )
+    classifier.load_state_dict(loaded.model_state, strict=False)
+    optimizer.load_state_dict(loaded.optimizer_state)
+    if scaler is not None and loaded.state.get("scaler"):
+        scaler.load_state_dict(loaded.state["scaler"])
+    state = TrainState(**loaded.state["train_state"])
+    log.info("resumed from %s (epoch %d, step %d)", checkpoint_path, state.epoch, state.global_step)
+    return state, str(checkpoint_path)
+
+
+def _validate_and_keep_best(
+    classifier: nn.Module,
+    val_set: CachedImageDataset,
+    val_targets: np.ndarray,
+    preparer: ImagePreparer,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    params: Params,
+    state: TrainState,
+    best_path: Path,
+) -> tuple[float, float, bool]:
+    """Validation GAP@k and mAP of this epoch; the best epoch's weights are saved for the export."""
+    val_probs, _ = compute_scores(
+        classifier, val_set, preparer, batch_size=params.evaluate.batch_size, autocast=autocast
+    )
+    classifier.train()
+    val_gap = float(gap_at_k(val_probs, val_targets, k=params.evaluate.k))
+    val_map = float(mean_average_precision(val_probs, val_targets)) if val_targets.any() else float("nan")
+    is_best = val_gap > state.best_val_gap_at_10
+    if is_best:
+        state.best_val_gap_at_10, state.best_epoch, state.epochs_without_improvement = val_gap, state.epoch, 0
+        with atomic_path(best_path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}, tmp)
+    else:
+        state.epochs_without_improvement += 1
+    return val_gap, val_map, is_best
+
+
 def train(
     params: Params,
     *,
@@ -276,18 +355,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune on `splits_dir/{train,val}.parquet`, export the best epoch's model to `model_dir`."""
     cfg = params.train
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist_info = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    device, dist_info = _configure_runtime(cfg)
 
     taxonomy = load_taxonomy(taxonomy_path)
     class_names, class_prompts, held_out = _training_classes(taxonomy, cfg.held_out_classes)
@@ -329,31 +397,15 @@ def train(
     run_signature = _sha256_json(
         {"model": params.model.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "data": fingerprint}
     )
-    state = TrainState()
-    resumed_from = None
-    checkpoint_path = latest_checkpoint(run_dir) if resume else None
-    if checkpoint_path is not None:
-        loaded = load_checkpoint(checkpoint_path)
-        if loaded.state.get("run_signature") != run_signature:
-            raise CheckpointError(
-                f"{checkpoint_path} belongs to a run with another configuration or data; "
-                "start a fresh run (without --resume) or point --run-dir elsewhere"
-            )
-        classifier.load_state_dict(loaded.model_state, strict=False)
-        optimizer.load_state_dict(loaded.optimizer_state)
-        if scaler is not None and loaded.state.get("scaler"):
-            scaler.load_state_dict(loaded.state["scaler"])
-        state = TrainState(**loaded.state["train_state"])
-        resumed_from = str(checkpoint_path)
-        log.info("resumed from %s (epoch %d, step %d)", checkpoint_path, state.epoch, state.global_step)
-    elif dist_info.is_main:
-        # A fresh run must not later resume into a stale checkpoint of an earlier one.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / "latest.json").unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / "best.safetensors").unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    state, resumed_from = _restore_or_reset(
+        run_dir,
+        resume=resume,
+        run_signature=run_signature,
+        classifier=classifier,
+        optimizer=optimizer,
+        scaler=scaler,
+        is_main=dist_info.is_main,
+    )
 
     model_for_step: nn.Module = task
     if cfg.compile:
@@ -417,7 +469,7 @@ def train(
             total=steps_per_epoch,
             initial=state.step_in_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (progress and dist_info.is_main),
+            disable=None if progress and dist_info.is_main else True,  # None: off when not a terminal
             leave=False,
             dynamic_ncols=True,
         )
@@ -454,20 +506,9 @@ def train(
 
         stop = torch.zeros(1, device=device)
         if dist_info.is_main:
-            classifier.eval()
-            val_probs, _ = compute_scores(
-                classifier, val_set, preparer, batch_size=params.evaluate.batch_size, autocast=autocast
+            val_gap, val_map, is_best = _validate_and_keep_best(
+                classifier, val_set, val_targets, preparer, autocast, params, state, run_dir / "best.safetensors"
             )
-            classifier.train()
-            val_gap = float(gap_at_k(val_probs, val_targets, k=params.evaluate.k))
-            val_map = float(mean_average_precision(val_probs, val_targets)) if val_targets.any() else float("nan")
-            is_best = val_gap > state.best_val_gap_at_10
-            if is_best:
-                state.best_val_gap_at_10, state.best_epoch, state.epochs_without_improvement = val_gap, epoch, 0
-                with atomic_path(run_dir / "best.safetensors") as tmp:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}, tmp)
-            else:
-                state.epochs_without_improvement += 1
             epoch_report = EpochReport(
                 epoch=epoch,
                 global_step=state.global_step,

@@ -72,17 +72,21 @@ def test_parameter_groups_separate_towers_and_skip_decay_on_1d(tiny_world):
     assert groups["text_decay"]["peak_lr"] == params.train.lr_text
 
 
+def _evaluate(world, tmp_path):
+    return evaluate_model(
+        tmp_path / "model",
+        world.splits / "test.parquet",
+        world.ingested,
+        tmp_path / "metrics.json",
+        cache_dir=world.cache,
+    )
+
+
 def test_training_writes_a_loadable_model_with_history(tiny_world, tmp_path):
     result = _train(tiny_world, tmp_path, _params())
     assert result.epochs_run == 2 and len(result.history) == 2
     assert (tmp_path / "model" / "model.safetensors").is_file()
-    report = evaluate_model(
-        tmp_path / "model",
-        tiny_world.splits / "test.parquet",
-        tiny_world.ingested,
-        tmp_path / "metrics.json",
-        cache_dir=tiny_world.cache,
-    )
+    report = _evaluate(tiny_world, tmp_path)
     for key in ("gap_at_10", "gap", "map_macro", "per_class_ap"):
         assert key in report
     assert 0.0 <= report["gap_at_10"] <= 1.0
@@ -91,13 +95,7 @@ def test_training_writes_a_loadable_model_with_history(tiny_world, tmp_path):
 def test_held_out_classes_are_removed_from_training_and_scored_zero_shot(tiny_world, tmp_path):
     params = _params(**{"train.epochs": 1, "train.held_out_classes": ["red circle"]})
     _train(tiny_world, tmp_path, params)
-    report = evaluate_model(
-        tmp_path / "model",
-        tiny_world.splits / "test.parquet",
-        tiny_world.ingested,
-        tmp_path / "metrics.json",
-        cache_dir=tiny_world.cache,
-    )
+    report = _evaluate(tiny_world, tmp_path)
     assert "red circle" not in report["per_class_ap"]
     assert report["zero_shot"]["classes"] == ["red circle"]
     assert 0.0 <= report["zero_shot"]["map_held_out"] <= 1.0
@@ -114,13 +112,7 @@ def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_
 
     world = build_tiny_world(tmp_path_factory.mktemp("learn_world"), n_images=900)
     _train(world, tmp_path, Params().updated({"train.epochs": 8, "train.batch_size": 32}))
-    report = evaluate_model(
-        tmp_path / "model",
-        world.splits / "test.parquet",
-        world.ingested,
-        tmp_path / "metrics.json",
-        cache_dir=world.cache,
-    )
+    report = _evaluate(world, tmp_path)
     frame = read_split(world.splits / "test.parquet")
     targets = label_matrix(frame["labels"], list(report["per_class_ap"]))
     rng = np.random.default_rng(0)
@@ -243,3 +235,69 @@ def test_two_process_ddp_on_cpu(tiny_world, tmp_path):
 
     metadata = json.loads((tmp_path / "model" / "model.json").read_text())["metadata"]
     assert metadata["world_size"] == 2
+
+
+def _tiny_task(seed=0):
+    from mumic_ml.backbone import create_backbone
+    from mumic_ml.model_io import build_classifier
+    from mumic_ml.task import MumicTask, create_loss
+
+    torch.manual_seed(seed)
+    params = _params()
+    backbone = create_backbone("mumic-tiny", None)
+    model = build_classifier(params.model, [["a red circle."], ["a blue square."], ["stripes."]], backbone)
+    task = MumicTask(model, create_loss(params.train.loss))
+    optimizer = torch.optim.AdamW(parameter_groups(model, params))
+    return task, optimizer
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    """Two micro-batches of 4 with accumulation_steps=2 accumulate the gradient of one batch of 8."""
+    import contextlib
+
+    from mumic_ml.train import Stepper
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 64, 64, generator=g)
+    targets = (torch.rand(8, 3, generator=g) < 0.4).float()
+    big_task, big_opt = _tiny_task()
+    Stepper(big_task, big_opt, contextlib.nullcontext, None, 1, 1.0).backward(images, targets)
+    acc_task, acc_opt = _tiny_task()
+    stepper = Stepper(acc_task, acc_opt, contextlib.nullcontext, None, 2, 1.0)
+    stepper.backward(images[:4], targets[:4], sync_gradients=False)
+    stepper.backward(images[4:], targets[4:])
+    pairs = [(a.grad, b.grad) for a, b in zip(big_task.parameters(), acc_task.parameters()) if a.grad is not None]
+    assert pairs
+    for a, b in pairs:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    stepper.update(0.5)
+    assert all(p.grad is None for p in acc_task.parameters())
+    assert acc_opt.param_groups[0]["lr"] == pytest.approx(0.5 * acc_opt.param_groups[0]["peak_lr"])
+
+
+def test_precision_choice_on_cpu():
+    from mumic_ml.config import Precision
+    from mumic_ml.train import autocast_and_scaler
+
+    cpu = torch.device("cpu")
+    assert autocast_and_scaler(Precision.AUTO, cpu)[1:] == (None, "fp32")
+    assert autocast_and_scaler(Precision.BF16, cpu)[2] == "bf16"
+    with pytest.raises(ValueError, match="fp16 autocast needs CUDA"):
+        autocast_and_scaler(Precision.FP16, cpu)
+
+
+def test_image_preparer_normalises_and_flips_deterministically():
+    from mumic_ml.backbone import ImageNorm
+    from mumic_ml.data import ImagePreparer
+
+    prep = ImagePreparer(ImageNorm(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.device("cpu"))
+    images = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    images[:, :, 0] = 0  # left column black
+    out = prep(images)
+    assert out.shape == (2, 3, 4, 4)
+    assert out[0, 0, 0, 0].item() == pytest.approx(-2.0) and out[0, 0, 0, 1].item() == pytest.approx(2.0)
+    first = prep(images, torch.Generator().manual_seed(5))
+    again = prep(images, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again)
+    flipped = [bool(first[i, 0, 0, 3] < 0) for i in range(2)]
+    assert all(f or bool(first[i, 0, 0, 0] < 0) for i, f in enumerate(flipped))
