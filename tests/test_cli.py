@@ -146,3 +146,17 @@ def test_errors_exit_non_zero_with_a_clear_message(argv, message, capsys, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_predictor_accepts_raw_bytes_and_thresholds(pipeline):
+    from mumic_ml.predict import Predictor
+
+    predictor = Predictor.from_dir(pipeline / "model")
+    image = sorted((pipeline / "raw" / "images").glob("*.png"))[0]
+    from_path, from_bytes = predictor.predict([str(image), image.read_bytes()], top_k=5)
+    assert from_bytes.image == "<bytes>"
+    assert from_bytes.labels == from_path.labels and from_bytes.scores == from_path.scores
+    kept = predictor.predict([image.read_bytes()], top_k=50, threshold=0.5)[0]
+    assert all(score >= 0.5 for score in kept.scores)
+    names, probs, errors = predictor.probabilities([b"not an image"])
+    assert np.isnan(probs).all() and errors[0].startswith("not_an_image")
