@@ -25,6 +25,11 @@ def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> N
         raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
 
 
+def _cheap_to_inspect(value: torch.Tensor) -> bool:
+    """Reading a CUDA tensor's value forces a device sync, and under torch.compile a graph break: skip it there."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def tempered_logits(
     similarity: torch.Tensor, temperature: torch.Tensor | float, bias: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
@@ -46,7 +51,7 @@ def tempered_sigmoid_bce(
     if not torch.is_tensor(temperature):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-    elif bool((temperature <= 0).any()):
+    elif _cheap_to_inspect(temperature) and bool((temperature <= 0).any()):
         raise ValueError("temperature must be positive")
     logits = tempered_logits(similarity, temperature, bias)
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
