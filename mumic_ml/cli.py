@@ -61,65 +61,138 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from mumic_ml.ingest import ingest
+    from mumic_ml.steps import ingest_step
     from mumic_ml.taxonomy import load_taxonomy
 
     params = _params(args)
-    taxonomy = load_taxonomy(args.taxonomy) if args.taxonomy else None
-    result = ingest(
-        args.manifest,
-        args.images_root,
-        args.out or params.paths.ingested,
-        taxonomy=taxonomy,
-        max_side=params.ingest.max_side,
-        min_side=params.ingest.min_side,
-        max_pixels=params.ingest.max_pixels,
-        workers=params.ingest.workers,
-    )
-    print(f"ingest: {result.n_rows} rows, {result.n_accepted} accepted, {result.n_rejected} rejected")
-    for reason, count in result.rejected_by_reason.items():
+    if args.manifest is None:
+        overrides = {"paths.incoming": args.incoming, "paths.ingested": args.out, "paths.taxonomy": args.taxonomy}
+        batches = ingest_step(_with_paths(params, overrides))
+        print(
+            f"ingest: {len(batches.ingested)} new batch(es) {batches.ingested}, {len(batches.skipped)} unchanged; "
+            f"{batches.n_images} images, {batches.n_rejected} rejected rows"
+        )
+        reasons, manifest, rejected = batches.rejected_by_reason, batches.manifest_path, batches.rejected_path
+    else:
+        if args.images_root is None:
+            raise CommandError("--manifest needs --images-root (the folder its paths are relative to)")
+        result = ingest(
+            args.manifest,
+            args.images_root,
+            args.out or params.paths.ingested,
+            taxonomy=load_taxonomy(args.taxonomy) if args.taxonomy else None,
+            max_side=params.ingest.max_side,
+            min_side=params.ingest.min_side,
+            max_pixels=params.ingest.max_pixels,
+            workers=params.ingest.workers,
+        )
+        print(f"ingest: {result.n_rows} rows, {result.n_accepted} accepted, {result.n_rejected} rejected")
+        reasons, manifest, rejected = result.rejected_by_reason, result.manifest_path, result.rejected_path
+    for reason, count in reasons.items():
         print(f"  {reason}: {count}")
-    print(f"  manifest: {result.manifest_path}\n  rejected: {result.rejected_path}")
+    print(f"  manifest: {manifest}\n  rejected: {rejected}")
+    return 0
+
+
+def _with_paths(params: Params, overrides: dict[str, object]) -> Params:
+    """Apply the path flags a command was given (None: keep params.yaml's)."""
+    given = {key: str(value) for key, value in overrides.items() if value is not None}
+    return params.updated(given) if given else params
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mumic_ml.steps import validate_step
+
+    params = _with_paths(_params(args), {"paths.ingested": args.ingested, "paths.taxonomy": args.taxonomy})
+    result = validate_step(params)
+    for outcome in result.outcomes:
+        mark = "ok  " if outcome.success else ("FAIL" if outcome.blocking else "warn")
+        print(f"  [{mark}] {outcome.name}: {outcome.description}")
+    print(f"validate: report {result.report_path}, data docs {result.data_docs_path}")
+    if not result.success:
+        print("validate: a blocking expectation failed; fix the data or the taxonomy before training", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
     from mumic_ml.split import split_manifest
+    from mumic_ml.steps import validate_splits_step
     from mumic_ml.taxonomy import load_taxonomy
 
     params = _params(args)
     manifest = Path(args.manifest or params.paths.ingested / "manifest.parquet")
-    names = load_taxonomy(args.taxonomy).names if args.taxonomy else None
-    report = split_manifest(
-        manifest,
-        Path(args.out or params.paths.splits),
-        params.split.fractions,
-        params.split.seed,
-        taxonomy_names=names,
-    )
+    out = Path(args.out or params.paths.splits)
+    names = load_taxonomy(args.taxonomy or params.paths.taxonomy).names
+    report = split_manifest(manifest, out, params.split.fractions, params.split.seed, taxonomy_names=names)
     sizes = {name: info["n_images"] for name, info in report["splits"].items()}
-    print(f"split: {sizes} -> {args.out or params.paths.splits}")
+    print(f"split: {sizes} -> {out}")
+    leakage = validate_splits_step(_with_paths(params, {"paths.splits": out}))
+    if not leakage.success:
+        for outcome in leakage.outcomes:
+            if not outcome.success:
+                print(f"split: {outcome.name} failed: {outcome.details}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mumic_ml.pretrain import pretrain
+
+    params = _params(args)
+    result = pretrain(
+        params,
+        splits_dir=Path(args.splits or params.paths.splits),
+        images_root=Path(args.images_root or params.paths.ingested),
+        cache_dir=Path(args.cache_dir or params.paths.cache),
+        out_path=Path(args.out or params.paths.foundation),
+        progress=not args.no_progress,
+    )
+    print(
+        f"pretrain: {result.epochs} epochs in {result.seconds:.0f} s, loss {result.final_loss:.4f}, "
+        f"val image->caption top-1 {result.val_retrieval_top1:.3f} -> {result.out_path}"
+    )
+    return 0
+
+
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    from mumic_ml.pretrain import export_zero_shot
+
+    params = _params(args)
+    weights = Path(args.weights or params.paths.foundation)
+    if not weights.is_file():
+        raise CommandError(f"backbone weights not found: {weights} (run `mumic pretrain` first)")
+    model_dir = export_zero_shot(
+        params,
+        taxonomy_path=Path(args.taxonomy or params.paths.taxonomy),
+        backbone_weights=weights,
+        model_dir=Path(args.model_dir),
+    )
+    print(f"zero-shot: {params.model.backbone} from {weights}, no fine-tuning -> {model_dir}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mumic_ml.train import train
+    from mumic_ml.steps import train_step
 
-    params = _params(args)
-    result = train(
-        params,
-        splits_dir=Path(args.splits or params.paths.splits),
-        images_root=Path(args.images_root or params.paths.ingested),
-        taxonomy_path=Path(args.taxonomy or params.paths.demo / "taxonomy.yaml"),
-        run_dir=Path(args.run_dir or params.paths.run),
-        model_dir=Path(args.model_dir or params.paths.model),
-        cache_dir=Path(args.cache_dir or params.paths.cache),
-        resume=args.resume,
-        progress=not args.no_progress,
+    params = _with_paths(
+        _params(args),
+        {
+            "paths.splits": args.splits,
+            "paths.ingested": args.images_root,
+            "paths.taxonomy": args.taxonomy,
+            "paths.run": args.run_dir,
+            "paths.model": args.model_dir,
+            "paths.cache": args.cache_dir,
+        },
     )
+    outcome = train_step(params, resume=args.resume, progress=not args.no_progress)
+    result = outcome.result
     print(
         f"train: best epoch {result.best_epoch + 1} of {result.epochs_run}, "
         f"val GAP@{params.evaluate.k} {result.best_val_gap_at_10:.4f} -> {result.model_dir}"
     )
+    print(f"  MLflow run {outcome.run_id}")
     return 0
 
 
@@ -127,6 +200,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mumic_ml.evaluate import evaluate_model
 
     params = _params(args)
+    if args.gate:
+        return _evaluate_with_gate(params)
     out = Path(args.out or params.paths.reports / "metrics.json")
     report = evaluate_model(
         Path(args.model or params.paths.model),
@@ -139,6 +214,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=params.evaluate.batch_size,
         device=args.device,
     )
+    _print_report(report, out)
+    return 0
+
+
+def _print_report(report: dict, out: Path) -> None:
     print(f"evaluate ({report['num_images']} images, {report['num_classes']} classes) -> {out}")
     print(f"  GAP@10 {report['gap_at_10']:.4f}   GAP {report['gap']:.4f}   mAP {report['map_macro']:.4f}", end="")
     if "map_top_n" in report:
@@ -150,15 +230,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  zero-shot on held-out {zero_shot['classes']}: mAP {zero_shot['map_held_out']:.4f} "
             f"(chance {zero_shot['chance_map']:.4f})"
         )
+
+
+def _evaluate_with_gate(params: Params) -> int:
+    """The project's model on the test split, logged to its MLflow run, then the gate (exit 1 when it fails)."""
+    from mumic_ml.steps import evaluate_and_gate_step
+
+    outcome = evaluate_and_gate_step(params)
+    _print_report(outcome.report, outcome.metrics_path)
+    gate = outcome.gate
+    if gate.champion_gap_at_10 is not None:
+        print(f"  champion on the same split: GAP@10 {gate.champion_gap_at_10:.4f}")
+    if not gate.passed:
+        print(f"gate: FAILED: {'; '.join(gate.reasons)} ({outcome.gate_path})", file=sys.stderr)
+        return 1
+    print(f"gate: passed (floor {gate.floor}) -> {outcome.gate_path}")
     return 0
 
 
-def _resolve_model(model: str) -> Path:
+def cmd_register(args: argparse.Namespace) -> int:
+    from mumic_ml.registry import RegistryError
+    from mumic_ml.steps import register_step
+
+    try:
+        info = register_step(_params(args))
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from exc
+    state = "registered" if info.created else "already registered"
+    print(f"register: {state} {info.name} version {info.version}, alias challenger ({info.uri})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mumic_ml.registry import RegistryError
+    from mumic_ml.steps import promote_step
+
+    try:
+        outcome = promote_step(_params(args), version=args.version, force=args.force, rollback=args.rollback)
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"promote: {outcome.message}")
+    return 0 if outcome.moved else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the last pipeline run produced, and where to look at it."""
+    from mumic_ml.io import read_json
+    from mumic_ml.registry import current_champion
+    from mumic_ml.steps import ProjectPaths, combined_version, data_version, tracking_location
+
+    params = _params(args)
+    paths = ProjectPaths(Path("."), params)
+    if not paths.metrics.is_file():
+        raise CommandError(f"no evaluation yet ({paths.metrics}); run the pipeline first (make demo)")
+    report = read_json(paths.metrics)
+    uri, _ = tracking_location(params, Path("."))
+    champion = current_champion(params.mlflow.registered_model, tracking_uri=uri)
+    registration = paths.reports / "registration.json"
+    print("MuMIC pipeline summary")
+    print(f"  test split: GAP@10 {report['gap_at_10']:.4f}   GAP {report['gap']:.4f}   mAP {report['map_macro']:.4f}")
+    print(f"  data version: {combined_version(data_version(paths))} (md5 of the split files, as in dvc.lock)")
+    if registration.is_file():
+        reg = read_json(registration)
+        print(f"  registered: {reg['name']} version {reg['version']} (alias challenger), MLflow run {reg['run_id']}")
+    print(f"  champion: {'none yet' if champion is None else f'version {champion.version}'}")
+    print(f"  MLflow store: {uri}")
+    print("  Dagster UI:  DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (then http://127.0.0.1:3000)")
+    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def _resolve_model(model: str, params: Params) -> Path:
+    """A local model directory, or an MLflow model URI resolved against the configured (default: local) store."""
     if "://" in model or model.startswith(("models:/", "runs:/")):
-        raise CommandError(
-            f"{model!r} is an MLflow URI; resolving it needs the orchestration install (the pipeline issue). "
-            "Pass a local model directory instead."
-        )
+        from mumic_ml.registry import RegistryError, resolve_model_uri
+        from mumic_ml.steps import tracking_location
+
+        uri, _ = tracking_location(params, Path("."))
+        try:
+            return resolve_model_uri(model, tracking_uri=uri)
+        except RegistryError as exc:
+            raise CommandError(str(exc)) from exc
     path = Path(model)
     if not path.is_dir():
         raise CommandError(f"model directory not found: {path}")
@@ -169,7 +321,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mumic_ml.predict import Predictor
 
     params = _params(args)
-    predictor = Predictor.from_dir(_resolve_model(args.model), device=args.device, batch_size=params.predict.batch_size)
+    predictor = Predictor.from_dir(
+        _resolve_model(args.model, params), device=args.device, batch_size=params.predict.batch_size
+    )
     predictions = predictor.predict(
         args.images,
         top_k=args.top_k or params.predict.top_k,
@@ -189,7 +343,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from mumic_ml.io import atomic_path
     from mumic_ml.predict import Predictor
 
-    predictor = Predictor.from_dir(_resolve_model(args.model), device=args.device)
+    predictor = Predictor.from_dir(_resolve_model(args.model, _params(args)), device=args.device)
     matrix, errors = predictor.embed(args.images)
     with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, matrix, allow_pickle=False)
@@ -221,23 +375,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("ingest", parents=[common], help="decode, normalise, de-duplicate and check a labelled batch")
-    p.add_argument("--manifest", required=True, help="CSV, JSONL or Parquet with `path` and `labels`")
-    p.add_argument("--images-root", required=True, help="folder that manifest paths are relative to")
+    p = sub.add_parser(
+        "ingest",
+        parents=[common],
+        help="decode, normalise, de-duplicate and check labelled images: one manifest, or every batch in a folder",
+    )
+    p.add_argument("--manifest", help="one batch: CSV, JSONL or Parquet with `path` and `labels`")
+    p.add_argument("--images-root", help="with --manifest: the folder that manifest paths are relative to")
+    p.add_argument("--incoming", help="without --manifest: folder of batches (default: paths.incoming)")
     p.add_argument("--out", help="output folder (default: paths.ingested)")
-    p.add_argument("--taxonomy", help="taxonomy YAML; labels outside it are rejected")
+    p.add_argument("--taxonomy", help="taxonomy YAML; labels outside it are rejected (batch mode: paths.taxonomy)")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("validate", parents=[common], help="Great Expectations suite over the ingested manifest")
+    p.add_argument("--ingested", help="folder with manifest.parquet (default: paths.ingested)")
+    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("split", parents=[common], help="iteratively stratified train/val/test split")
     p.add_argument("--manifest", help="ingested manifest.parquet (default: paths.ingested/manifest.parquet)")
     p.add_argument("--out", help="output folder (default: paths.splits)")
-    p.add_argument("--taxonomy", help="taxonomy YAML (fixes the class order)")
+    p.add_argument("--taxonomy", help="taxonomy YAML, fixes the class order (default: paths.taxonomy)")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("pretrain", parents=[common], help="contrastive image-caption pretraining of the backbone")
+    p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
+    p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
+    p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
+    p.add_argument("--out", help="checkpoint .safetensors, plus a .json beside it (default: paths.foundation)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("zero-shot", parents=[common], help="export a MuMIC model from a backbone, no fine-tuning")
+    p.add_argument("--weights", help="backbone checkpoint file (default: paths.foundation)")
+    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
+    p.add_argument("--model-dir", required=True, help="model directory to write")
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("train", parents=[common], help="fine-tune MuMIC (or a baseline) and export the best model")
     p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
     p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
-    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.demo/taxonomy.yaml)")
+    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
     p.add_argument("--run-dir", help="checkpoints and history (default: paths.run)")
     p.add_argument("--model-dir", help="exported model (default: paths.model)")
     p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
@@ -252,10 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics JSON (default: paths.reports/metrics.json)")
     p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="the project's model (paths.model): log to its MLflow run, compare with the champion, exit 1 if it fails",
+    )
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("register", parents=[common], help="register the gated model in MLflow as `challenger`")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", parents=[common], help="move `champion` to the challenger if it is not worse")
+    p.add_argument("--version", help="promote this registered version instead of the challenger")
+    p.add_argument("--force", action="store_true", help="promote even if worse than the champion")
+    p.add_argument("--rollback", action="store_true", help="put `champion` back on the previous champion")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("status", parents=[common], help="summary of the last run: metrics, data version, models")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("predict", parents=[common], help="print top labels for images as JSON lines")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, or an MLflow URI such as models:/mumic@champion")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, help="labels per image (default: predict.top_k)")
     p.add_argument("--threshold", type=float, help="only labels with probability >= this")

@@ -151,6 +151,30 @@ class TrainConfig(_Section):
         raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
+class ContrastiveLoss(enum.StrEnum):
+    CLIP = "clip"  # symmetric InfoNCE over the batch (open_clip.ClipLoss)
+    SIGLIP = "siglip"  # sigmoid loss on every image-caption pair, with a learned bias (open_clip.SigLipLoss)
+
+
+class PretrainConfig(_Section):
+    """Contrastive image-caption pretraining of `model.backbone`: the demo world's stand-in for CLIP weights."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=2, description="Contrastive negatives come from the batch: bigger is better.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.02, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    loss: ContrastiveLoss = ContrastiveLoss.CLIP
+    seed: int = 0
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Precision = Precision.AUTO
+    hflip: bool = Field(True, description="Captions never say left or right, so mirrored images keep them true.")
+
+    _device = field_validator("device")(TrainConfig._device.__func__)
+
+
 class EvaluateConfig(_Section):
     k: int = Field(10, ge=1)
     top_n_classes: int = Field(20, ge=1, description="mAP is also reported over this many most frequent classes.")
@@ -163,16 +187,57 @@ class PredictConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class ExpectationsConfig(_Section):
+    """The Great Expectations suite over the ingested manifest (`mumic validate`, asset validated_labels)."""
+
+    min_labels_per_image: int = Field(1, ge=0)
+    max_labels_per_image: int = Field(30, ge=1)
+    min_positives_per_class: int = Field(5, ge=0, description="Classes with fewer images are flagged.")
+    min_positives_blocking: bool = Field(False, description="A rare class stops the run (default: a warning).")
+
+
+class GateConfig(_Section):
+    """What a model must show on the test split before it is registered or promoted."""
+
+    min_gap_at_10: float = Field(0.5, ge=0, le=1, description="Absolute GAP@10 floor.")
+    champion_tolerance: float = Field(0.0, ge=0, le=1, description="How far below the champion still passes.")
+
+
+class MlflowConfig(_Section):
+    """Embedded default store; the MLFLOW_TRACKING_URI environment variable wins over `tracking_uri`."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: Path = Path("mlartifacts")
+    experiment: str = "mumic"
+    registered_model: str = "mumic"
+
+
+class ScheduleConfig(_Section):
+    retrain_cron: str = Field("0 3 * * 1", description="When retrain_schedule runs (cron, in `timezone`).")
+    timezone: str = "UTC"
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"must be a 5-field cron expression, got {value!r}")
+        return value
+
+
 class PathsConfig(_Section):
     """Where each step reads and writes, relative to the repository root."""
 
-    demo: Path = Path("data/raw/demo")
+    demo: Path = Path("data/incoming/demo")
     ingested: Path = Path("data/ingested")
     splits: Path = Path("data/splits")
     cache: Path = Path(".cache/preprocess")
     run: Path = Path("runs/train")
     model: Path = Path("models/mumic")
+    foundation: Path = Path("models/foundation/mumic-tiny-demo.safetensors")
     reports: Path = Path("reports")
+    incoming: Path = Path("data/incoming")
+    taxonomy: Path = Path("data/incoming/demo/taxonomy.yaml")
+    validation: Path = Path("reports/validation")
 
 
 class Params(_Section):
@@ -181,8 +246,13 @@ class Params(_Section):
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     predict: PredictConfig = PredictConfig()
+    expectations: ExpectationsConfig = ExpectationsConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     paths: PathsConfig = PathsConfig()
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def evaluate_model(
     top_n_classes: int | None = 20,
     batch_size: int = 256,
     device: str = "cpu",
+    plots_dir: Path | None = None,
 ) -> dict[str, Any]:
     """GAP@k, GAP, mAP (macro and over the most frequent classes), per-class AP and thresholded P/R/F1.
 
@@ -85,9 +87,35 @@ def evaluate_model(
     if held_out and loaded.supports_zero_shot:
         report["zero_shot"] = zero_shot_report(loaded, dataset, preparer, frame, held_out, batch_size=batch_size, k=k)
     report["split"] = str(split_path)
+    report["split_sha256"] = sha256_file(split_path)
     report["model_dir"] = str(model_dir)
+    if plots_dir is not None:
+        report["plots"] = _write_plots(report, probs, targets, loaded.class_names, Path(plots_dir))
     atomic_write_json(out_path, report)
     return report
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a split file: two evaluations are comparable only on the same bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_plots(report: dict[str, Any], probs, targets, class_names: list[str], plots_dir: Path) -> dict[str, str]:
+    """PNG plots plus a per-class AP table that `dvc plots show` renders."""
+    from mumic_ml.plots import per_class_ap_plot, precision_recall_curves
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"class": name, "ap": ap} for name, ap in report["per_class_ap"].items() if ap is not None]
+    atomic_write_json(plots_dir / "per_class_ap.json", rows)
+    return {
+        "per_class_ap": str(per_class_ap_plot(report["per_class_ap"], plots_dir / "per_class_ap.png")),
+        "precision_recall": str(precision_recall_curves(probs, targets, class_names, plots_dir / "pr_curves.png")),
+        "per_class_ap_table": str(plots_dir / "per_class_ap.json"),
+    }
 
 
 def zero_shot_report(

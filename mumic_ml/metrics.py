@@ -128,7 +128,7 @@ def _gap(scores: np.ndarray, targets: np.ndarray, k: int | None) -> float:
         pooled, hit_scores = scores.ravel(), scores[targets]
     else:
         pooled, hit_scores = _top_k_hit_scores(scores, targets, k)
-    return _precision_sum_at_hits(np.sort(pooled), np.sort(hit_scores)) / num_positives
+    return float(_precision_sum_at_hits(np.sort(pooled), np.sort(hit_scores)) / num_positives)
 
 
 def _per_class_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:

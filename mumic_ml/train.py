@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mumic_ml.backbone import create_backbone
-from mumic_ml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from mumic_ml.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mumic_ml.config import Params, Precision, TrainConfig
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.demo_world import corrupt_labels
@@ -288,9 +288,17 @@ def _restore_or_reset(
     scaler: torch.amp.GradScaler | None,
     is_main: bool,
 ) -> tuple[TrainState, str | None]:
-    """Continue from the run directory's last checkpoint, or clear it so a fresh run never resumes a stale one."""
+    """Continue from the run directory's last checkpoint, or clear it so a fresh run never resumes a stale one.
+
+    A checkpoint of another configuration or other data is not resumed (that would silently mix two runs): the
+    run starts fresh and says so. This is what lets `dvc repro` and the Dagster asset always pass `resume`.
+    """
     checkpoint_path = latest_checkpoint(run_dir) if resume else None
-    if checkpoint_path is None:
+    loaded = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if loaded is not None and loaded.state.get("run_signature") != run_signature:
+        log.warning("%s belongs to a run with another configuration or data; starting a fresh run", checkpoint_path)
+        loaded = None
+    if loaded is None:
         if is_main:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             for name in ("latest.json", "best.safetensors"):
@@ -298,12 +306,6 @@ def _restore_or_reset(
                     (run_dir / name).unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         return TrainState(), None
-    loaded = load_checkpoint(checkpoint_path)
-    if loaded.state.get("run_signature") != run_signature:
-        raise CheckpointError(
-            f"{checkpoint_path} belongs to a run with another configuration or data; "
-            "start a fresh run (without --resume) or point --run-dir elsewhere"
-        )
     classifier.load_state_dict(loaded.model_state, strict=False)
     optimizer.load_state_dict(loaded.optimizer_state)
     if scaler is not None and loaded.state.get("scaler"):
@@ -352,8 +354,13 @@ def train(
     resume: bool = False,
     on_epoch_end: Callable[[EpochReport], None] | None = None,
     progress: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Fine-tune on `splits_dir/{train,val}.parquet`, export the best epoch's model to `model_dir`."""
+    """Fine-tune on `splits_dir/{train,val}.parquet`, export the best epoch's model to `model_dir`.
+
+    `metadata` is stored in the exported model directory (e.g. the MLflow run id and the data version), so later
+    steps find them beside the weights instead of in some side channel.
+    """
     cfg = params.train
     device, dist_info = _configure_runtime(cfg)
 
@@ -574,6 +581,7 @@ def train(
             fingerprint,
             precision_used,
             dist_info.world_size,
+            metadata or {},
         )
     if dist_info.world_size > 1:
         dist.barrier()
@@ -598,6 +606,7 @@ def _export_best(
     fingerprint: str,
     precision_used: str,
     world_size: int,
+    extra_metadata: dict[str, Any],
 ) -> None:
     """Load the best epoch's weights, tune per-class thresholds on validation, write the model directory."""
     best = copy.deepcopy(classifier).cpu()
@@ -628,6 +637,7 @@ def _export_best(
             "world_size": world_size,
             "train": params.train.model_dump(mode="json"),
             "history": state.history,
+            **extra_metadata,
         },
     )
     atomic_write_json(run_dir / "result.json", {"model_dir": str(model_dir), **asdict(state)})

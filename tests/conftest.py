@@ -44,3 +44,8 @@ def build_tiny_world(root: Path, n_images: int) -> TinyWorld:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"), n_images=240)
+
+
+# Every MLflow run of the test session goes to a throwaway store, never to mlflow.db / mlartifacts in the repo.
+_MLFLOW_DIR = Path(__import__("tempfile").mkdtemp(prefix="mumic-mlflow-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR / 'mlflow.db'}"

@@ -185,12 +185,13 @@ def test_killed_training_resumes_to_bitwise_identical_weights(tiny_world, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_world, tmp_path):
-    from mumic_ml.checkpoint import CheckpointError
-
-    _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
-    with pytest.raises(CheckpointError, match="another configuration"):
-        _train(tiny_world, tmp_path, _params(**{"train.epochs": 1, "train.lr_image": 0.1}), resume=True)
+def test_resume_starts_fresh_from_a_checkpoint_of_another_configuration(tiny_world, tmp_path):
+    first = _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
+    assert first.resumed_from is None
+    same = _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}), resume=True)
+    assert same.resumed_from is not None
+    other = _train(tiny_world, tmp_path, _params(**{"train.epochs": 1, "train.lr_image": 0.1}), resume=True)
+    assert other.resumed_from is None and other.epochs_run == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,471 @@
+"""MuMIC as an MLflow pyfunc model, and the registry life cycle: register -> challenger -> champion -> rollback.
+
+The logged model
+    A model directory (`model.json`, `model.safetensors`, `architecture/`, `taxonomy.yaml`) travels unchanged as the
+    pyfunc artifact `model_dir`; weights stay safetensors. The pyfunc itself is logged as *code* (MLflow "models from
+    code": a three-line script that calls `mlflow.models.set_model(MumicPyfunc())`), so the logged model holds no
+    pickle at all, not even of the wrapper class. The script imports `mumic_ml`, which therefore has to be
+    installed where the model is loaded (`--env-manager local`, or an image built from this repository). We do not
+    ship a copy of the package via `code_paths`: MLflow only prepends that copy to `sys.path`, so which code runs
+    would depend on whether `mumic_ml` was imported first, and torch/open_clip must be installed regardless.
+    `requirements.txt` pins the runtime dependencies of the `mumic` distribution and mlflow as logged.
+
+Input: a DataFrame with an `image` column; each cell is
+    - a path (`str`) to an image file readable by the process that runs the model (on a server: a server path),
+    - raw encoded image bytes (`bytes`), from Python,
+    - `{"b64": "<base64 of the encoded image>"}`, the JSON form of raw bytes (the TensorFlow Serving convention)
+      for REST clients, since JSON has no bytes type.
+    The column is declared `AnyType` (`mlflow.types.schema.AnyType`): a `binary` column would base64-decode strings
+    sent over REST (paths included) and a `string` column would refuse bytes; the model validates each cell itself
+    and reports a bad one in that row's `error` instead of failing the batch.
+Params (all optional): `top_k` (long, default 5), `threshold` (double, default none), `extra_classes` (list of
+    strings, default []: class names scored zero-shot next to the trained ones).
+Output: a DataFrame with `labels` (best first), `scores` (sigmoid probabilities, same order) and `error`
+    (None, or why the image could not be read).
+
+Serving (checked by hand with mlflow 3.17.2):
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/mumic@champion --env-manager local \
+        -h 127.0.0.1 -p 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{
+        "dataframe_split": {"columns": ["image"], "data": [["/abs/path/a.png"], [{"b64": "iVBORw0KG..."}]]},
+        "params": {"top_k": 3, "extra_classes": ["purple hexagon"]}}'
+    -> {"predictions": [{"labels": [...], "scores": [...], "error": null}, ...]}
+    (`dataframe_records` works too: [{"image": "/abs/path/a.png"}].)
+
+Registry
+    `register_model` refuses a model that failed the evaluation gate, is idempotent per run, tags the version and
+    points `challenger` at it. `promote` moves `champion` only when the candidate's test GAP@10 is not worse than
+    the champion's on the same test split (unless forced) and keeps the old champion as `previous_champion`;
+    `rollback` swaps the two back. `resolve_model_uri` turns `models:/mumic@champion` into a local model directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from mumic_ml.io import atomic_directory
+from mumic_ml.tracking import tracking_scope
+
+MODEL_NAME = "mumic"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+MODEL_DIR_ARTIFACT = "model_dir"
+
+TAG_GATE = "gate"
+TAG_GAP_AT_10 = "gap_at_10"
+TAG_TEST_SPLIT = "test_split"
+GATE_PASSED = "passed"
+SPLIT_HASH_KEY = "split_sha256"  # where `evaluate_model` reports name the exact bytes of the split they scored
+
+_MODEL_CODE = """\
+# MuMIC pyfunc, logged as code (no pickle): the weights are the safetensors in the `model_dir` artifact.
+import mlflow
+
+from mumic_ml.registry import MumicPyfunc
+
+mlflow.models.set_model(MumicPyfunc())
+"""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation was refused or its target does not exist."""
+
+
+class GateFailedError(RegistryError):
+    """The model did not pass the evaluation gate and must not be registered."""
+
+
+# --- the pyfunc model -------------------------------------------------------------------------------------------
+
+
+def _image_source(value: Any) -> str | bytes:
+    """One `image` cell as a path or encoded bytes; ValueError names what was wrong with it."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping) and isinstance(value.get("b64"), str):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except ValueError as exc:
+            raise ValueError(f"invalid_base64: {exc}") from None
+    raise ValueError(f"unsupported_input: expected a path, bytes or {{'b64': ...}}, got {type(value).__name__}")
+
+
+class MumicPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads the model directory in `load_context`; holds nothing before that, so it is trivially re-creatable."""
+
+    def load_context(self, context) -> None:
+        from mumic_ml.predict import Predictor
+
+        device = (context.model_config or {}).get("device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor.from_dir(context.artifacts[MODEL_DIR_ARTIFACT], device=device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = params or {}
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise MlflowException("input must be a DataFrame with an 'image' column", INVALID_PARAMETER_VALUE)
+        errors: list[str | None] = [None] * len(model_input)
+        sources: dict[int, str | bytes] = {}
+        for i, value in enumerate(model_input["image"].tolist()):
+            try:
+                sources[i] = _image_source(value)
+            except ValueError as exc:
+                errors[i] = str(exc)
+        threshold = params.get("threshold")
+        predictions = self.predictor.predict(
+            list(sources.values()),
+            top_k=int(params.get("top_k", 5)),
+            threshold=None if threshold is None else float(threshold),
+            extra_classes=list(params.get("extra_classes") or []),
+        )
+        labels: list[list[str]] = [[] for _ in errors]
+        scores: list[list[float]] = [[] for _ in errors]
+        for i, prediction in zip(sources, predictions):
+            labels[i], scores[i], errors[i] = prediction.labels, prediction.scores, prediction.error
+        # object dtype keeps None as None (pandas 3 would infer a string column and turn None into NaN)
+        return pd.DataFrame({"labels": labels, "scores": scores, "error": pd.Series(errors, dtype=object)})
+
+
+def model_signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(DataType.string), "labels"),
+                ColSpec(Array(DataType.double), "scores"),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("top_k", DataType.long, 5),
+                ParamSpec("threshold", DataType.double, None),
+                ParamSpec("extra_classes", DataType.string, [], shape=(-1,)),
+            ]
+        ),
+    )
+
+
+def _example_image() -> str:
+    """A tiny grey PNG, base64: an input example that is valid on any machine (a path would not be)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pip_requirements() -> list[str]:
+    """The `mumic` distribution's runtime dependencies pinned as installed, plus mlflow (no slow inference)."""
+    pins = {"mlflow": mlflow.__version__}
+    try:
+        requirements = importlib.metadata.requires("mumic") or []
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
+        requirements = []
+    for requirement in requirements:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        try:
+            pins[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def log_model(
+    run_id: str, model_dir: str | os.PathLike, *, name: str = "model", tracking_uri: str | None = None
+) -> str:
+    """Log `model_dir` as a pyfunc model of run `run_id`; returns its URI (`models:/m-...`).
+
+    MLflow validates the input example by loading the logged model and predicting on it, so a model that cannot
+    serve fails here, not in production. The run is reopened to log into it and closed again (FINISHED).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.json").is_file():
+        raise RegistryError(f"{model_dir} is not a MuMIC model directory")
+    with tracking_scope(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "mumic_pyfunc.py"
+        code.write_text(_MODEL_CODE, encoding="utf-8")
+        example = pd.DataFrame({"image": [{"b64": _example_image()}]})
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(code),
+                artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                signature=model_signature(),
+                input_example=(example, {"top_k": 5}),
+                pip_requirements=_pip_requirements(),
+                model_config={"device": "auto"},
+            )
+    return info.model_uri
+
+
+# --- the registry -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: int
+    run_id: str | None
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+    created: bool = False  # True only on the version `register_model` has just created
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @classmethod
+    def from_mlflow(cls, mv) -> ModelVersionInfo:
+        return cls(mv.name, int(mv.version), mv.run_id, mv.source, tuple(mv.aliases or ()), dict(mv.tags or {}))
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What a promote or rollback did: `moved` is False when it refused or there was nothing to do."""
+
+    name: str
+    moved: bool
+    champion: int | None
+    previous_champion: int | None
+    reason: str
+    forced: bool = False
+
+
+def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersionInfo:
+    try:
+        return ModelVersionInfo.from_mlflow(client.get_model_version(name, str(version)))
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise RegistryError(f"model {name!r} has no version {version}") from None
+        raise
+
+
+def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersionInfo | None:
+    try:
+        return ModelVersionInfo.from_mlflow(client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if exc.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        raise
+
+
+def register_model(
+    run_id: str,
+    model_uri: str,
+    *,
+    name: str = MODEL_NAME,
+    tags: Mapping[str, Any],
+    gate_passed: bool,
+    metrics: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> ModelVersionInfo:
+    """Register the model logged by `run_id` as a new version of `name`, tag it and make it the `challenger`.
+
+    `metrics` (an `evaluate_model` report of the test split) supplies the tags promotion relies on: `gap_at_10`,
+    and `test_split` (the split file's sha256) so that promotion can tell whether two versions were measured on the
+    same split. `tags` (e.g. `data_version`) are stored as given and win over those. Registering the same run again
+    returns its existing version (tags and alias refreshed) instead of adding a duplicate.
+    """
+    if not gate_passed:
+        raise GateFailedError(f"refusing to register run {run_id}: the model did not pass the evaluation gate")
+    measured = {}
+    if metrics is not None:
+        measured = {key: metrics[key] for key in ("gap_at_10", "gap", "map_macro") if metrics.get(key) is not None}
+        if metrics.get(SPLIT_HASH_KEY):
+            measured[TAG_TEST_SPLIT] = metrics[SPLIT_HASH_KEY]
+    string_tags = {k: str(v) for k, v in {**measured, **tags, TAG_GATE: GATE_PASSED}.items()}
+    client = MlflowClient(tracking_uri)
+    existing = _version_of_run(client, name, run_id)
+    if existing is None:
+        with tracking_scope(tracking_uri):
+            version = int(mlflow.register_model(model_uri, name, tags=string_tags).version)
+    else:
+        version = existing.version
+        for key, value in string_tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    return dataclasses.replace(_get_version(client, name, version), created=existing is None)
+
+
+def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersionInfo | None:
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    return ModelVersionInfo.from_mlflow(min(versions, key=lambda mv: int(mv.version)))
+
+
+def registered_version_of_run(name: str, run_id: str, *, tracking_uri: str | None = None) -> ModelVersionInfo | None:
+    """The version already registered from `run_id`, so re-running registration logs nothing twice."""
+    return _version_of_run(MlflowClient(tracking_uri), name, run_id)
+
+
+def current_champion(name: str = MODEL_NAME, *, tracking_uri: str | None = None) -> ModelVersionInfo | None:
+    return _by_alias(MlflowClient(tracking_uri), name, CHAMPION)
+
+
+def _measurement(metrics: Mapping[str, Any] | None, version: ModelVersionInfo) -> tuple[float | None, str | None]:
+    """(GAP@10, test split hash) from a fresh evaluation report, else from the version's registration tags.
+
+    A report that does not name its split is taken to be on the split the version was registered with.
+    """
+    if metrics is None:
+        gap, split = version.tags.get(TAG_GAP_AT_10), version.tags.get(TAG_TEST_SPLIT)
+    else:
+        gap, split = metrics.get(TAG_GAP_AT_10), metrics.get(SPLIT_HASH_KEY) or version.tags.get(TAG_TEST_SPLIT)
+    return (None if gap is None else float(gap)), split
+
+
+def promote(
+    name: str = MODEL_NAME,
+    *,
+    version: int | None = None,
+    force: bool = False,
+    candidate_metrics: Mapping[str, Any] | None = None,
+    champion_metrics: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> PromotionResult:
+    """Move `champion` to `version` (default: the `challenger`) if its test GAP@10 is not worse than the champion's.
+
+    `candidate_metrics` / `champion_metrics` are `evaluate_model` reports of the two models (`gap_at_10`,
+    `split_sha256`); when one is missing, that version's registered `gap_at_10` / `test_split` tags stand in.
+    Measurements on different (or unknown) test splits are not compared: the promotion is refused unless `force`.
+    With no champion yet, the candidate becomes champion (it passed the gate to be registered at all).
+    """
+    client = MlflowClient(tracking_uri)
+    if version is None:
+        candidate = _by_alias(client, name, CHALLENGER)
+        if candidate is None:
+            raise RegistryError(f"model {name!r} has no {CHALLENGER!r} to promote; register a model first")
+    else:
+        candidate = _get_version(client, name, version)
+    champion = _by_alias(client, name, CHAMPION)
+    champion_version = None if champion is None else champion.version
+
+    def refused(reason: str) -> PromotionResult:
+        return PromotionResult(name, False, champion_version, None, reason)
+
+    if champion is not None and champion.version == candidate.version:
+        return refused(f"version {candidate.version} is already the champion")
+    if champion is None:
+        reason = "no champion yet: the first registered candidate becomes champion"
+    else:
+        cand_gap, cand_split = _measurement(candidate_metrics, candidate)
+        champ_gap, champ_split = _measurement(champion_metrics, champion)
+        if force:
+            reason = "forced"
+        elif cand_gap is None or champ_gap is None:
+            return refused("GAP@10 of the candidate or the champion is unknown; evaluate both or force")
+        elif cand_split is None or cand_split != champ_split:
+            return refused(
+                f"candidate and champion were measured on different test splits ({cand_split} vs {champ_split}); "
+                "evaluate both on the same split or force"
+            )
+        elif cand_gap < champ_gap:
+            return refused(
+                f"candidate GAP@10 {cand_gap:.4f} is worse than champion v{champion.version}'s {champ_gap:.4f}"
+            )
+        else:
+            reason = f"candidate GAP@10 {cand_gap:.4f} >= champion v{champion.version}'s {champ_gap:.4f}"
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(champion.version))
+    client.set_registered_model_alias(name, CHAMPION, str(candidate.version))
+    return PromotionResult(name, True, candidate.version, champion_version, reason, forced=force)
+
+
+def rollback(name: str = MODEL_NAME, *, tracking_uri: str | None = None) -> PromotionResult:
+    """Put `champion` back on `previous_champion`; the two swap, so a second rollback undoes the first."""
+    client = MlflowClient(tracking_uri)
+    previous = _by_alias(client, name, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise RegistryError(f"model {name!r} has no {PREVIOUS_CHAMPION!r} to roll back to")
+    champion = _by_alias(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, str(previous.version))
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(champion.version))
+    return PromotionResult(
+        name,
+        True,
+        previous.version,
+        None if champion is None else champion.version,
+        f"rolled back to version {previous.version}",
+    )
+
+
+# --- resolving a registry URI to a local model directory -----------------------------------------------------------
+
+
+def default_model_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mumic" / "models"
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def _cache_key(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(concrete URI, cache folder name): aliases are resolved first, because they move and versions do not."""
+    match = _MODELS_URI.match(uri)
+    if match is None:  # models:/m-<id>, runs:/...: immutable already
+        return uri, "uri-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+    name = match["name"]
+    if match["alias"]:
+        mv = _by_alias(client, name, match["alias"])
+        if mv is None:
+            raise RegistryError(f"model {name!r} has no alias {match['alias']!r}")
+    else:
+        mv = _get_version(client, name, match["version"])
+    # The source names the logged model uniquely; it keeps a cache valid across a reset registry reusing numbers.
+    digest = hashlib.sha256(mv.source.encode()).hexdigest()[:16]
+    return mv.uri, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-v{mv.version}-{digest}"
+
+
+def resolve_model_uri(uri: str, *, cache_dir: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Path:
+    """A local MuMIC model directory for `uri`: a local directory as is, an MLflow model URI downloaded once.
+
+    `models:/mumic@champion` is resolved to its version at call time; the download is cached per version under
+    `cache_dir` (default `~/.cache/mumic/models`) and swapped in whole, so an interrupted download never serves.
+    """
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.is_dir():
+            raise RegistryError(f"model directory not found: {path}")
+        return path
+    client = MlflowClient(tracking_uri)
+    concrete, key = _cache_key(client, uri)
+    target = Path(cache_dir or default_model_cache()) / key
+    if not (target / "MLmodel").is_file():
+        with atomic_directory(target) as staging, tracking_scope(tracking_uri):
+            mlflow.artifacts.download_artifacts(artifact_uri=concrete, dst_path=str(staging))
+    artifacts = Model.load(str(target)).flavors.get("python_function", {}).get("artifacts", {})
+    if MODEL_DIR_ARTIFACT not in artifacts:
+        raise RegistryError(f"{uri} is not a MuMIC pyfunc model (no {MODEL_DIR_ARTIFACT!r} artifact)")
+    return target / artifacts[MODEL_DIR_ARTIFACT]["path"]

@@ -1,0 +1,402 @@
+"""The pipeline steps, each defined once: the `mumic` CLI, the DVC stages and the Dagster assets call these.
+
+Every step takes the typed `Params` and the project root (all paths in `params.paths` are relative to it) and
+returns a result the caller reports. Orchestration adds scheduling and UI, never logic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mumic_ml.batches import BatchIngestResult, ingest_batches
+from mumic_ml.config import Params
+from mumic_ml.io import atomic_write_json, read_json
+from mumic_ml.taxonomy import load_taxonomy
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """`params.paths` resolved against the project root."""
+
+    root: Path
+    params: Params
+
+    def __getattr__(self, name: str) -> Path:
+        return self.root / getattr(self.params.paths, name)
+
+    @property
+    def manifest(self) -> Path:
+        return self.ingested / "manifest.parquet"
+
+    def split(self, name: str) -> Path:
+        return self.splits / f"{name}.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+
+def md5_file(path: Path) -> str:
+    """The hash DVC records for a file output, so asset metadata and dvc.lock can be compared directly."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_version(paths: ProjectPaths) -> dict[str, str]:
+    """md5 of each split file: names the exact data a model was trained and tested on."""
+    return {name: md5_file(paths.split(name)) for name in SPLITS}
+
+
+def ingest_step(params: Params, root: Path = Path(".")) -> BatchIngestResult:
+    paths = ProjectPaths(root, params)
+    return ingest_batches(
+        paths.incoming,
+        paths.ingested,
+        taxonomy=load_taxonomy(paths.taxonomy),
+        max_side=params.ingest.max_side,
+        min_side=params.ingest.min_side,
+        max_pixels=params.ingest.max_pixels,
+        workers=params.ingest.workers,
+    )
+
+
+def validate_step(params: Params, root: Path = Path(".")):
+    from mumic_ml.validate import ValidationRules, validate_manifest
+
+    paths = ProjectPaths(root, params)
+    cfg = params.expectations
+    rules = ValidationRules(
+        min_labels_per_image=cfg.min_labels_per_image,
+        max_labels_per_image=cfg.max_labels_per_image,
+        min_side=params.ingest.min_side,
+        max_side=params.ingest.max_side,
+        min_positives_per_class=cfg.min_positives_per_class,
+        min_positives_blocking=cfg.min_positives_blocking,
+    )
+    return validate_manifest(paths.manifest, load_taxonomy(paths.taxonomy), paths.validation / "labels", rules)
+
+
+def split_step(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    from mumic_ml.split import split_manifest
+
+    paths = ProjectPaths(root, params)
+    report = split_manifest(
+        paths.manifest,
+        paths.splits,
+        params.split.fractions,
+        params.split.seed,
+        taxonomy_names=load_taxonomy(paths.taxonomy).names,
+    )
+    report["md5"] = data_version(paths)
+    return report
+
+
+def validate_splits_step(params: Params, root: Path = Path(".")):
+    from mumic_ml.validate import validate_splits
+
+    paths = ProjectPaths(root, params)
+    return validate_splits({name: paths.split(name) for name in SPLITS}, paths.validation / "splits")
+
+
+def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | None = None) -> dict[str, Any]:
+    from mumic_ml.evaluate import evaluate_model
+
+    paths = ProjectPaths(root, params)
+    return evaluate_model(
+        model_dir or paths.model,
+        paths.split("test"),
+        paths.ingested,
+        paths.metrics,
+        cache_dir=paths.cache,
+        k=params.evaluate.k,
+        top_n_classes=params.evaluate.top_n_classes,
+        batch_size=params.evaluate.batch_size,
+        plots_dir=paths.reports / "plots",
+    )
+
+
+def read_metrics(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    return read_json(ProjectPaths(root, params).metrics)
+
+
+def write_gate(params: Params, root: Path, gate: dict[str, Any]) -> Path:
+    path = ProjectPaths(root, params).reports / "gate.json"
+    atomic_write_json(path, gate)
+    return path
+
+
+def combined_version(md5s: dict[str, str]) -> str:
+    """One short identifier for the split files together: the data version tag of runs and model versions."""
+    joined = ";".join(f"{name}:{md5s[name]}" for name in sorted(md5s))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def dvc_lock_matches(paths: ProjectPaths, md5s: dict[str, str]) -> dict[str, bool | None]:
+    """Whether each split file equals what dvc.lock records (None: dvc.lock does not know it yet)."""
+    import yaml
+
+    lock_path = paths.root / "dvc.lock"
+    recorded: dict[str, str] = {}
+    if lock_path.is_file():
+        lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+        for stage in (lock.get("stages") or {}).values():
+            for out in stage.get("outs", []):
+                recorded[str(out.get("path"))] = str(out.get("md5"))
+    splits_rel = paths.params.paths.splits
+    return {
+        name: (recorded[key] == md5 if (key := str(splits_rel / f"{name}.parquet")) in recorded else None)
+        for name, md5 in md5s.items()
+    }
+
+
+def tracking_location(params: Params, root: Path) -> tuple[str, Path | None]:
+    """The MLflow tracking URI (MLFLOW_TRACKING_URI first) and where new experiments keep their artifacts.
+
+    A relative SQLite path is taken under `root`. Artifacts of a SQLite store live beside the database file
+    (params.yaml's `mlflow.artifact_location` for the project's own store); a tracking server decides for itself.
+    """
+    from mumic_ml.tracking import TRACKING_URI_ENV, resolve_tracking_uri
+
+    # Download progress bars would flood logs of every asset and CLI step that touches the registry.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri, None
+    database = Path(uri[len(prefix) :])
+    if not database.is_absolute():
+        database = (root / database).resolve()
+    if os.environ.get(TRACKING_URI_ENV):
+        artifacts = database.parent / "mlartifacts"
+    else:
+        artifacts = (root / params.mlflow.artifact_location).resolve()
+    return prefix + str(database), artifacts
+
+
+def _run_url(uri: str, run_id: str) -> str:
+    """Where the run shows in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/runs/{run_id}"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    result: Any  # mumic_ml.train.TrainResult
+    run_id: str
+    run_url: str
+    data_version: dict[str, str]
+
+
+def train_step(
+    params: Params,
+    root: Path = Path("."),
+    *,
+    resume: bool = False,
+    on_epoch_end=None,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Fine-tune inside an MLflow run: params, data version, git commit, per-epoch metrics, the taxonomy."""
+    from mumic_ml.tracking import log_artifacts, log_epoch, start_run
+    from mumic_ml.train import train
+
+    paths = ProjectPaths(root, params)
+    version = data_version(paths)
+    uri, artifacts = tracking_location(params, root)
+    with start_run(
+        experiment=params.mlflow.experiment,
+        tracking_uri=uri,
+        artifact_location=artifacts,
+        params=params.model_dump(mode="json"),
+        data_version=combined_version(version),
+        tags={f"split_md5.{name}": md5 for name, md5 in version.items()},
+        run_name="train",
+        repo_dir=root,
+    ) as run_id:
+
+        def log_and_forward(report) -> None:
+            metrics = {
+                "train_loss": report.train_loss,
+                "val_gap_at_10": report.val_gap_at_10,
+                "val_map": report.val_map,
+                "learning_rate": report.learning_rate,
+                "images_per_second": report.images_per_second,
+            }
+            if report.temperature is not None:
+                metrics["temperature"] = report.temperature
+            log_epoch(run_id, report.epoch, metrics, tracking_uri=uri)
+            if on_epoch_end is not None:
+                on_epoch_end(report)
+
+        result = train(
+            params,
+            splits_dir=paths.splits,
+            images_root=paths.ingested,
+            taxonomy_path=paths.taxonomy,
+            run_dir=paths.run,
+            model_dir=paths.model,
+            cache_dir=paths.cache,
+            resume=resume,
+            on_epoch_end=log_and_forward,
+            progress=progress,
+            metadata={"mlflow_run_id": run_id, "data_version": version},
+        )
+        log_artifacts(run_id, paths.taxonomy, tracking_uri=uri)
+    return TrainOutcome(result, run_id, _run_url(uri, run_id), version)
+
+
+def _model_run_id(model_dir: Path) -> str:
+    run_id = read_json(model_dir / "model.json").get("metadata", {}).get("mlflow_run_id")
+    if not run_id:
+        raise ValueError(f"{model_dir} was trained without an MLflow run; train it with `mumic train`")
+    return run_id
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    report: dict[str, Any]
+    gate: Any  # mumic_ml.gate.GateResult
+    metrics_path: Path
+    gate_path: Path
+
+
+def _champion_dir(params: Params, root: Path, uri: str) -> Path | None:
+    from mumic_ml.registry import current_champion, resolve_model_uri
+
+    if current_champion(params.mlflow.registered_model, tracking_uri=uri) is None:
+        return None
+    return resolve_model_uri(
+        f"models:/{params.mlflow.registered_model}@champion", cache_dir=root / ".cache" / "models", tracking_uri=uri
+    )
+
+
+def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> EvaluationOutcome:
+    """Test-split metrics and plots into the training run, then the gate: floor, and the champion re-measured on
+    the same split."""
+    from mumic_ml.evaluate import evaluate_model
+    from mumic_ml.gate import check_gate
+    from mumic_ml.tracking import log_artifacts, log_epoch
+
+    paths = ProjectPaths(root, params)
+    report = evaluate_step(params, root)
+    uri, _ = tracking_location(params, root)
+    champion_report = None
+    champion_dir = _champion_dir(params, root, uri)
+    if champion_dir is not None:
+        champion_report = evaluate_model(
+            champion_dir,
+            paths.split("test"),
+            paths.ingested,
+            paths.reports / "champion_metrics.json",
+            cache_dir=paths.cache,
+            k=params.evaluate.k,
+            top_n_classes=params.evaluate.top_n_classes,
+            batch_size=params.evaluate.batch_size,
+        )
+    gate = check_gate(
+        report,
+        floor=params.gate.min_gap_at_10,
+        champion_report=champion_report,
+        tolerance=params.gate.champion_tolerance,
+    )
+    run_id = _model_run_id(paths.model)
+    gate_path = write_gate(params, root, {**gate.to_dict(), "mlflow_run_id": run_id})
+    scalars = {f"test_{k}": v for k, v in report.items() if k in ("gap_at_10", "gap", "map_macro", "map_top_n")}
+    log_epoch(run_id, 0, {**scalars, "gate_passed": float(gate.passed)}, tracking_uri=uri)
+    log_artifacts(run_id, paths.metrics, artifact_path="evaluation", tracking_uri=uri)
+    if (paths.reports / "plots").is_dir():
+        log_artifacts(run_id, paths.reports / "plots", artifact_path="evaluation/plots", tracking_uri=uri)
+    return EvaluationOutcome(report, gate, paths.metrics, gate_path)
+
+
+def register_step(params: Params, root: Path = Path(".")):
+    """Log the gated model as a pyfunc and register it as `challenger`; refuses a model that failed the gate."""
+    from mumic_ml.registry import log_model, register_model, registered_version_of_run
+
+    paths = ProjectPaths(root, params)
+    run_id = _model_run_id(paths.model)
+    gate = read_json(paths.reports / "gate.json")
+    if gate.get("mlflow_run_id") != run_id:
+        raise ValueError("reports/gate.json belongs to another model; run `mumic evaluate` on this one first")
+    uri, _ = tracking_location(params, root)
+    name = params.mlflow.registered_model
+    existing = registered_version_of_run(name, run_id, tracking_uri=uri)
+    model_uri = existing.source if existing is not None else log_model(run_id, paths.model, tracking_uri=uri)
+    version = data_version(paths)
+    info = register_model(
+        run_id,
+        model_uri,
+        name=name,
+        gate_passed=bool(gate["passed"]),
+        metrics=read_metrics(params, root),
+        tags={
+            "data_version": combined_version(version),
+            **{f"split_md5.{k}": v for k, v in version.items()},
+            "gate_passed": str(gate["passed"]),
+        },
+        tracking_uri=uri,
+    )
+    atomic_write_json(
+        paths.reports / "registration.json",
+        {"name": info.name, "version": info.version, "run_id": run_id, "alias": "challenger"},
+    )
+    return info
+
+
+@dataclass(frozen=True)
+class PromoteOutcome:
+    moved: bool
+    champion_version: int | None
+    message: str
+
+
+def promote_step(
+    params: Params, root: Path = Path("."), *, version: str | None = None, force: bool = False, rollback: bool = False
+) -> PromoteOutcome:
+    """Move `champion` to the challenger (or `version`) if it is not worse on the current test split; or roll back."""
+    from mumic_ml import registry
+    from mumic_ml.evaluate import evaluate_model
+
+    uri, _ = tracking_location(params, root)
+    name = params.mlflow.registered_model
+    if rollback:
+        result = registry.rollback(name, tracking_uri=uri)
+        return PromoteOutcome(result.moved, result.champion, result.reason)
+    paths = ProjectPaths(root, params)
+    cache = root / ".cache" / "models"
+
+    def measure(model_uri: str, label: str) -> dict[str, Any]:
+        model_dir = registry.resolve_model_uri(model_uri, cache_dir=cache, tracking_uri=uri)
+        return evaluate_model(
+            model_dir,
+            paths.split("test"),
+            paths.ingested,
+            paths.reports / f"{label}_metrics.json",
+            cache_dir=paths.cache,
+            k=params.evaluate.k,
+            top_n_classes=params.evaluate.top_n_classes,
+            batch_size=params.evaluate.batch_size,
+        )
+
+    candidate_uri = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
+    candidate = measure(candidate_uri, "candidate")
+    champion = (
+        measure(f"models:/{name}@champion", "champion") if registry.current_champion(name, tracking_uri=uri) else None
+    )
+    result = registry.promote(
+        name,
+        version=int(version) if version else None,
+        force=force,
+        candidate_metrics=candidate,
+        champion_metrics=champion,
+        tracking_uri=uri,
+    )
+    return PromoteOutcome(result.moved, result.champion, result.reason)

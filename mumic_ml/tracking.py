@@ -1,0 +1,170 @@
+"""MLflow experiment tracking for MuMIC: where runs go and what every run records.
+
+The embedded default is a SQLite store with artifacts in a local folder; `MLFLOW_TRACKING_URI` in the environment
+wins, so a team points every entry point (CLI, DVC stages, Dagster) at a shared server by environment alone.
+Every function takes the tracking URI as an argument (None: MLflow's current one) and talks to the store through
+an `MlflowClient` bound to it, so nothing here leaks into MLflow's process-global state; `tracking_scope` is the one
+exception, for the MLflow APIs that exist only in fluent form.
+
+Runs record the flattened parameters, the data version and the git commit. Nothing is read from the environment
+into a run: secrets in environment variables never reach the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+TAG_DATA_VERSION = "data_version"
+TAG_GIT_COMMIT = "git_commit"
+UNKNOWN = "unknown"
+
+
+def resolve_tracking_uri(default: str) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the project default (e.g. `sqlite:///mlflow.db`)."""
+    return os.environ.get(TRACKING_URI_ENV) or default
+
+
+@contextlib.contextmanager
+def tracking_scope(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's global tracking URI at `tracking_uri` for the block, then restore what was there.
+
+    Needed for MLflow's fluent-only APIs (`mlflow.pyfunc.log_model`, `mlflow.register_model`, `models:/` downloads).
+    MLflow mirrors the global URI into the environment variable, so restoring the variable restores both.
+    """
+    if tracking_uri is None:
+        yield
+        return
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _artifact_uri(location: str | os.PathLike) -> str:
+    """A local folder becomes an absolute file URI, so artifacts land there whatever the cwd of later readers."""
+    text = str(location)
+    if "://" in text:
+        return text
+    return Path(text).expanduser().resolve().as_uri()
+
+
+def ensure_experiment(
+    name: str, *, artifact_location: str | os.PathLike | None = None, tracking_uri: str | None = None
+) -> str:
+    """The id of experiment `name`, created with its artifacts under `artifact_location` when it is new.
+
+    A fresh SQLite store would otherwise put artifacts in `./mlruns` relative to whatever the cwd happens to be.
+    An existing experiment keeps the location it was created with (MLflow cannot move it).
+    """
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if artifact_location is None else _artifact_uri(artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # another process created it between our look-up and create
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dicts as dotted keys (`train.lr_head`), the spelling `--set` and DVC use; lists as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = json.dumps(list(value), default=str)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """HEAD of the repository at `cwd`, or "unknown" outside a repository or without git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else UNKNOWN
+
+
+@contextlib.contextmanager
+def start_run(
+    *,
+    experiment: str,
+    tracking_uri: str | None = None,
+    artifact_location: str | os.PathLike | None = None,
+    params: Mapping[str, Any] | None = None,
+    data_version: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_name: str | None = None,
+    repo_dir: str | os.PathLike | None = None,
+) -> Iterator[str]:
+    """Open a run that records params, data version and git commit; yield its id; close it FINISHED or FAILED.
+
+    The run is created through the client rather than `mlflow.start_run`, so it is not the process's "active run"
+    and several pipelines in one process (Dagster) cannot log into each other's runs.
+    """
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(experiment, artifact_location=artifact_location, tracking_uri=tracking_uri)
+    commit = git_commit(repo_dir)
+    all_tags = {
+        TAG_DATA_VERSION: data_version or UNKNOWN,
+        TAG_GIT_COMMIT: commit,
+        **({"mlflow.source.git.commit": commit} if commit != UNKNOWN else {}),
+        **(tags or {}),
+    }
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run_id = run.info.run_id
+    flat = flatten_params(params or {})
+    items = [Param(k, v) for k, v in flat.items()]
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[start : start + 100])
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def log_epoch(run_id: str, step: int, metrics: Mapping[str, Any], *, tracking_uri: str | None = None) -> None:
+    """Per-epoch metrics at `step`; values that are not numbers (None, strings) are left out."""
+    now = int(time.time() * 1000)
+    rows = [Metric(key, float(value), now, step) for key, value in metrics.items() if isinstance(value, int | float)]
+    if rows:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=rows)
+
+
+def log_artifacts(
+    run_id: str, path: str | os.PathLike, *, artifact_path: str | None = None, tracking_uri: str | None = None
+) -> None:
+    """A file or a whole folder (plots, taxonomy, reports) into the run's artifacts."""
+    client = MlflowClient(tracking_uri)
+    path = Path(path)
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
