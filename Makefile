@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip==26.3"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,dev]"
+	# Dagster's asset-selection parser needs the ANTLR 4.13 runtime; DVC's hydra-core pins 4.9 but only loads it
+	# for `dvc exp` with hydra composition, which this project does not use. See docs/architecture.md.
+	$(BIN)/python -m pip install --quiet --no-deps "antlr4-python3-runtime==4.13.2"
 	touch $@
 
 install: $(STAMP)
@@ -19,16 +22,18 @@ install: $(STAMP)
 # asset graph (project-local DAGSTER_HOME on SQLite), MLflow on SQLite with local artifacts, CPU.
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 DAGSTER := DAGSTER_HOME="$(DAGSTER_HOME)" $(BIN)/dagster
-demo: $(STAMP)
+$(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p "$(DAGSTER_HOME)"
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/mumic demo-data
 	$(DAGSTER) job execute -m mumic_dagster.definitions -j retrain_job
 	$(DAGSTER) job execute -m mumic_dagster.definitions -j promote_job
 	$(BIN)/mumic status
 
 # The Dagster UI with the schedule and sensor daemon.
-ui: $(STAMP)
-	mkdir -p "$(DAGSTER_HOME)"
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(DAGSTER) dev
 
 test: $(STAMP)

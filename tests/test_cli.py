@@ -138,7 +138,7 @@ def test_embed_exports_normalised_vectors(pipeline):
         (["train", "--set", "train.epoch=3"], "unknown parameter 'train.epoch'"),
         (["train", "--set", "train.epochs"], "key=value"),
         (["predict", "--model", "no/such/dir", "x.png"], "model directory not found"),
-        (["predict", "--model", "models:/mumic@champion", "x.png"], "MLflow URI"),
+        (["predict", "--model", "models:/mumic@champion", "x.png"], "has no alias 'champion'"),
         (["demo-data", "--params", "missing-params.yaml"], "parameter file not found"),
     ],
 )

@@ -1,0 +1,170 @@
+"""The orchestrated pipeline: definitions load, the schedule and sensor fire, the whole graph materializes into a
+registered and promotable model, and a model that fails the gate is never registered."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import yaml
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from mumic_dagster import assets  # noqa: E402
+from mumic_dagster.automation import new_data_sensor, retrain_schedule  # noqa: E402
+from mumic_dagster.definitions import defs  # noqa: E402
+from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource  # noqa: E402
+from mumic_ml import steps  # noqa: E402
+from mumic_ml.config import load_params  # noqa: E402
+from mumic_ml.demo_world import generate_demo_world  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {
+    "demo": {"n_images": 200},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": None},
+    "gate": {"min_gap_at_10": 0.05},
+}
+
+
+def make_project(root: Path, overrides: dict) -> Path:
+    """A project folder laid out like the repository, with a small params.yaml and the demo world as batch one."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    loaded = load_params(root / "params.yaml")
+    generate_demo_world(root / loaded.paths.demo, n_images=loaded.demo.n_images, image_size=64, seed=0)
+    return root
+
+
+def resources(root: Path) -> dict:
+    return {"project": ProjectResource(root=str(root)), "mlflow": MlflowResource(), "compute": ComputeResource()}
+
+
+def materialize(root: Path, selection=None) -> dg.ExecuteInProcessResult:
+    all_assets = dg.load_assets_from_modules([assets])
+    return dg.materialize(all_assets, resources=resources(root), selection=selection, raise_on_error=False)
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("mlflow")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["MLFLOW_TRACKING_URI"] = before or ""
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tracking_store):
+    root = make_project(tmp_path_factory.mktemp("project"), SMALL)
+    result = materialize(root)
+    return root, result
+
+
+def test_definitions_load_and_resolve():
+    dg.Definitions.validate_loadable(defs)
+    assert defs.get_job_def("retrain_job") is not None
+    assert defs.get_job_def("promote_job") is not None
+    assert (
+        defs.get_schedule_def("retrain_schedule").cron_schedule
+        == load_params(REPO / "params.yaml").schedule.retrain_cron
+    )
+    assert defs.get_sensor_def("new_data_sensor") is not None
+    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {
+        "raw_images",
+        "validated_labels",
+        "dataset_splits",
+        "trained_model",
+        "model_evaluation",
+        "registered_model",
+    }
+
+
+def test_schedule_requests_a_retrain_run():
+    context = dg.build_schedule_context(scheduled_execution_time=pd.Timestamp("2026-11-30 03:00", tz="UTC"))
+    requests = list(retrain_schedule.evaluate_tick(context).run_requests or [])
+    assert len(requests) == 1
+
+
+def test_sensor_fires_once_per_new_batch(tmp_path):
+    root = make_project(tmp_path / "p", {"demo": {"n_images": 12}})
+    project = ProjectResource(root=str(root))
+    first = new_data_sensor(dg.build_sensor_context(cursor=None, resources={"project": project}))
+    assert len(first.run_requests) == 1
+    cursor = first.cursor
+    again = new_data_sensor(dg.build_sensor_context(cursor=cursor, resources={"project": project}))
+    assert not again.run_requests and again.skip_reason is not None
+    incoming = root / "data" / "incoming"
+    shutil.copytree(incoming / "demo", incoming / "second")
+    grown = new_data_sensor(dg.build_sensor_context(cursor=cursor, resources={"project": project}))
+    assert len(grown.run_requests) == 1
+    assert grown.run_requests[0].tags["mumic/new_batches"] == "second"
+    assert json.loads(grown.cursor).keys() == {"demo", "second"}
+
+
+@pytest.mark.slow
+def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
+    root, result = pipeline_run
+    assert result.success, [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert materialized(result) == {
+        "raw_images",
+        "validated_labels",
+        "dataset_splits",
+        "trained_model",
+        "model_evaluation",
+        "registered_model",
+    }
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["evaluation_gate"] and checks["no_leakage"] and checks["labels_in_taxonomy"]
+
+    client = MlflowClient(tracking_store)
+    version = client.get_model_version_by_alias("mumic", "challenger")
+    assert int(version.version) == 1
+    params = load_params(root / "params.yaml")
+    split_md5 = steps.data_version(steps.ProjectPaths(root, params))
+    assert version.tags["data_version"] == steps.combined_version(split_md5)
+    assert version.tags["gate_passed"] == "True"
+    run = client.get_run(version.run_id)
+    assert run.data.tags["data_version"] == steps.combined_version(split_md5)
+    assert "val_gap_at_10" in run.data.metrics and "test_gap_at_10" in run.data.metrics
+
+    image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))
+    model = mlflow.pyfunc.load_model("models:/mumic@challenger")
+    frame = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}), params={"top_k": 3})
+    assert list(frame["labels"].map(len)) == [3, 3]
+    assert frame["labels"][0] == frame["labels"][1]
+
+
+@pytest.mark.slow
+def test_promote_then_a_broken_model_fails_the_gate_and_is_not_registered(pipeline_run, tracking_store):
+    root, _ = pipeline_run
+    params = load_params(root / "params.yaml")
+    promoted = steps.promote_step(params, root)
+    assert promoted.moved and promoted.champion_version == 1
+    champion = mlflow.pyfunc.load_model("models:/mumic@champion")
+    image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))
+    assert len(champion.predict(pd.DataFrame({"image": [str(image)]}))["labels"][0]) == 5
+
+    # A model that never learns (all learning rates 0): below the champion on the same split.
+    broken = yaml.safe_load((root / "params.yaml").read_text())
+    broken["train"].update({"lr_image": 0.0, "lr_text": 0.0, "lr_head": 0.0, "epochs": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+    result = materialize(root, selection=["trained_model", "model_evaluation", "registered_model"])
+    gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "evaluation_gate"]
+    assert gate and not gate[0].passed
+    assert "registered_model" not in materialized(result)
+    client = MlflowClient(tracking_store)
+    assert [int(v.version) for v in client.search_model_versions("name = 'mumic'")] == [1]
+    assert int(client.get_model_version_by_alias("mumic", "champion").version) == 1
