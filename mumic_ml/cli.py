@@ -116,18 +116,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from mumic_ml.split import split_manifest
-    from mumic_ml.steps import validate_splits_step
-    from mumic_ml.taxonomy import load_taxonomy
+    from mumic_ml.steps import split_step, validate_splits_step
 
-    params = _params(args)
-    manifest = Path(args.manifest or params.paths.ingested / "manifest.parquet")
-    out = Path(args.out or params.paths.splits)
-    names = load_taxonomy(args.taxonomy or params.paths.taxonomy).names
-    report = split_manifest(manifest, out, params.split.fractions, params.split.seed, taxonomy_names=names)
+    params = _with_paths(
+        _params(args), {"paths.splits": args.out, "paths.taxonomy": args.taxonomy, "paths.ingested": args.ingested}
+    )
+    report = split_step(params)
     sizes = {name: info["n_images"] for name, info in report["splits"].items()}
-    print(f"split: {sizes} -> {out}")
-    leakage = validate_splits_step(_with_paths(params, {"paths.splits": out}))
+    print(f"split: {sizes} -> {params.paths.splits}")
+    leakage = validate_splits_step(params)
     if not leakage.success:
         for outcome in leakage.outcomes:
             if not outcome.success:
@@ -393,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("split", parents=[common], help="iteratively stratified train/val/test split")
-    p.add_argument("--manifest", help="ingested manifest.parquet (default: paths.ingested/manifest.parquet)")
+    p.add_argument("--ingested", help="folder with the ingested manifest.parquet (default: paths.ingested)")
     p.add_argument("--out", help="output folder (default: paths.splits)")
     p.add_argument("--taxonomy", help="taxonomy YAML, fixes the class order (default: paths.taxonomy)")
     p.set_defaults(func=cmd_split)

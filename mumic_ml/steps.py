@@ -111,7 +111,7 @@ def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | N
     from mumic_ml.evaluate import evaluate_model
 
     paths = ProjectPaths(root, params)
-    return evaluate_model(
+    report = evaluate_model(
         model_dir or paths.model,
         paths.split("test"),
         paths.ingested,
@@ -122,6 +122,10 @@ def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | N
         batch_size=params.evaluate.batch_size,
         plots_dir=paths.reports / "plots",
     )
+    # The headline numbers alone: what `dvc metrics show/diff` compares (the full report has every class).
+    headline = ("gap_at_10", "gap", "map_macro", "map_top_n", "micro_f1", "macro_f1", "num_images", "num_classes")
+    atomic_write_json(paths.reports / "summary.json", {key: report[key] for key in headline if key in report})
+    return report
 
 
 def read_metrics(params: Params, root: Path = Path(".")) -> dict[str, Any]:

@@ -29,8 +29,8 @@ def pipeline(tmp_path_factory):
         ],
         [
             "split",
-            "--manifest",
-            str(root / "ingested" / "manifest.parquet"),
+            "--ingested",
+            str(root / "ingested"),
             "--out",
             str(root / "splits"),
             "--taxonomy",
