@@ -18,7 +18,6 @@ picture once. Paths in the combined manifest are relative to `out/` (`batches/<i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -29,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from mumic_ml.ingest import IngestResult, ingest
-from mumic_ml.io import atomic_path, atomic_write_json, read_json
+from mumic_ml.io import atomic_path, atomic_write_json, read_json, sha256_file
 from mumic_ml.manifest import ManifestError
 from mumic_ml.taxonomy import Taxonomy
 
@@ -60,14 +59,6 @@ class BatchIngestResult:
     per_batch: dict[str, dict] = field(default_factory=dict)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def discover_batches(incoming: str | Path) -> list[Batch]:
     """Ready batches (sub-folders with a manifest), sorted by id so older-named batches win duplicates."""
     incoming = Path(incoming)
@@ -82,7 +73,7 @@ def discover_batches(incoming: str | Path) -> list[Batch]:
             raise ManifestError(f"batch {folder} has more than one manifest: {[m.name for m in manifests]}")
         if not _BATCH_ID.match(folder.name):
             raise ManifestError(f"batch folder name {folder.name!r} must be letters, digits, '.', '_' or '-'")
-        batches.append(Batch(folder.name, folder, manifests[0], _sha256_file(manifests[0])))
+        batches.append(Batch(folder.name, folder, manifests[0], sha256_file(manifests[0])))
     return batches
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.images import PreprocessCache
-from mumic_ml.io import atomic_write_json
+from mumic_ml.io import atomic_write_json, sha256_file
 from mumic_ml.metrics import evaluation_report, gap_at_k, mean_average_precision, per_class_average_precision
 from mumic_ml.model_io import LoadedModel, load_model_dir
 from mumic_ml.taxonomy import class_prompts
@@ -93,15 +92,6 @@ def evaluate_model(
         report["plots"] = _write_plots(report, probs, targets, loaded.class_names, Path(plots_dir))
     atomic_write_json(out_path, report)
     return report
-
-
-def sha256_file(path: Path) -> str:
-    """Content hash of a split file: two evaluations are comparable only on the same bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_plots(report: dict[str, Any], probs, targets, class_names: list[str], plots_dir: Path) -> dict[str, str]:
