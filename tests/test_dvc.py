@@ -85,7 +85,7 @@ def test_lock_records_the_split_md5s_that_the_dagster_step_reports(project):
 def test_metrics_and_plots_render(project, tmp_path):
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     shown = json.loads(dvc(project, "metrics", "show", "--json"))
-    assert shown[""]["data"]["reports/metrics.json"]["data"]["gap_at_10"] == metrics["gap_at_10"]
+    assert shown[""]["data"]["reports/summary.json"]["data"]["gap_at_10"] == metrics["gap_at_10"]
     dvc(project, "plots", "show", "--out", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "Per-class AP on the test split" in html
