@@ -160,7 +160,7 @@ class PretrainConfig(_Section):
     """Contrastive image-caption pretraining of `model.backbone`: the demo world's stand-in for CLIP weights."""
 
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=2, description="Contrastive negatives come from the batch: bigger is better.")
+    batch_size: int = Field(64, ge=2, description="Images per step; the other captions of the batch are the negatives.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)

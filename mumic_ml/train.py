@@ -243,7 +243,7 @@ def data_fingerprint(frames: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _training_classes(taxonomy: Taxonomy, held_out: list[str]) -> tuple[list[str], list[list[str]], list[str]]:
+def training_classes(taxonomy: Taxonomy, held_out: list[str]) -> tuple[list[str], list[list[str]], list[str]]:
     held = []
     for name in held_out:
         canonical = taxonomy.canonical(name)
@@ -365,7 +365,7 @@ def train(
     device, dist_info = _configure_runtime(cfg)
 
     taxonomy = load_taxonomy(taxonomy_path)
-    class_names, class_prompts, held_out = _training_classes(taxonomy, cfg.held_out_classes)
+    class_names, class_prompts, held_out = training_classes(taxonomy, cfg.held_out_classes)
     frames = {name: read_split(Path(splits_dir) / f"{name}.parquet") for name in ("train", "val")}
     fingerprint = data_fingerprint(frames)
     train_targets = label_matrix(frames["train"]["labels"], class_names)
