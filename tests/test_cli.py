@@ -29,6 +29,8 @@ def pipeline(tmp_path_factory):
         ],
         [
             "split",
+            "--set",
+            f"paths.validation={root / 'validation'}",
             "--ingested",
             str(root / "ingested"),
             "--out",
