@@ -107,21 +107,30 @@ def validate_splits_step(params: Params, root: Path = Path(".")):
     return validate_splits({name: paths.split(name) for name in SPLITS}, paths.validation / "splits")
 
 
-def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | None = None) -> dict[str, Any]:
+def _evaluate_on_test(
+    paths: ProjectPaths, model_dir: Path, out: Path, *, plots_dir: Path | None = None
+) -> dict[str, Any]:
+    """Any model (ours, the champion, a candidate) measured the same way on the current test split."""
     from mumic_ml.evaluate import evaluate_model
 
-    paths = ProjectPaths(root, params)
-    report = evaluate_model(
-        model_dir or paths.model,
+    cfg = paths.params.evaluate
+    return evaluate_model(
+        model_dir,
         paths.split("test"),
         paths.ingested,
-        paths.metrics,
+        out,
         cache_dir=paths.cache,
-        k=params.evaluate.k,
-        top_n_classes=params.evaluate.top_n_classes,
-        batch_size=params.evaluate.batch_size,
-        plots_dir=paths.reports / "plots",
+        k=cfg.k,
+        top_n_classes=cfg.top_n_classes,
+        batch_size=cfg.batch_size,
+        plots_dir=plots_dir,
     )
+
+
+def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | None = None) -> dict[str, Any]:
+
+    paths = ProjectPaths(root, params)
+    report = _evaluate_on_test(paths, model_dir or paths.model, paths.metrics, plots_dir=paths.reports / "plots")
     # The headline numbers alone: what `dvc metrics show/diff` compares (the full report has every class).
     headline = ("gap_at_10", "gap", "map_macro", "map_top_n", "micro_f1", "macro_f1", "num_images", "num_classes")
     atomic_write_json(paths.reports / "summary.json", {key: report[key] for key in headline if key in report})
@@ -285,7 +294,6 @@ def _champion_dir(params: Params, root: Path, uri: str) -> Path | None:
 def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> EvaluationOutcome:
     """Test-split metrics and plots into the training run, then the gate: floor, and the champion re-measured on
     the same split."""
-    from mumic_ml.evaluate import evaluate_model
     from mumic_ml.gate import check_gate
     from mumic_ml.tracking import log_artifacts, log_epoch
 
@@ -295,16 +303,7 @@ def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> Evaluation
     champion_report = None
     champion_dir = _champion_dir(params, root, uri)
     if champion_dir is not None:
-        champion_report = evaluate_model(
-            champion_dir,
-            paths.split("test"),
-            paths.ingested,
-            paths.reports / "champion_metrics.json",
-            cache_dir=paths.cache,
-            k=params.evaluate.k,
-            top_n_classes=params.evaluate.top_n_classes,
-            batch_size=params.evaluate.batch_size,
-        )
+        champion_report = _evaluate_on_test(paths, champion_dir, paths.reports / "champion_metrics.json")
     gate = check_gate(
         report,
         floor=params.gate.min_gap_at_10,
@@ -367,7 +366,6 @@ def promote_step(
 ) -> PromoteOutcome:
     """Move `champion` to the challenger (or `version`) if it is not worse on the current test split; or roll back."""
     from mumic_ml import registry
-    from mumic_ml.evaluate import evaluate_model
 
     uri, _ = tracking_location(params, root)
     name = params.mlflow.registered_model
@@ -379,16 +377,7 @@ def promote_step(
 
     def measure(model_uri: str, label: str) -> dict[str, Any]:
         model_dir = registry.resolve_model_uri(model_uri, cache_dir=cache, tracking_uri=uri)
-        return evaluate_model(
-            model_dir,
-            paths.split("test"),
-            paths.ingested,
-            paths.reports / f"{label}_metrics.json",
-            cache_dir=paths.cache,
-            k=params.evaluate.k,
-            top_n_classes=params.evaluate.top_n_classes,
-            batch_size=params.evaluate.batch_size,
-        )
+        return _evaluate_on_test(paths, model_dir, paths.reports / f"{label}_metrics.json")
 
     candidate_uri = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
     candidate = measure(candidate_uri, "candidate")
