@@ -73,7 +73,8 @@ REASONS = {
 }
 
 _OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", "labels", "width", "height")
-_SCHEMA = pa.schema(
+# The columns every accepted row has; downstream readers and tests build manifests against this schema.
+MANIFEST_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("source", pa.string()),
@@ -331,8 +332,8 @@ def _write_manifest(rows: list[_Row], extra_columns: list[str], target: Path) ->
         "width": [r.width for r in rows],
         "height": [r.height for r in rows],
     }
-    arrays = [pa.array(data[f.name], type=f.type) for f in _SCHEMA]
-    fields = list(_SCHEMA)
+    arrays = [pa.array(data[f.name], type=f.type) for f in MANIFEST_SCHEMA]
+    fields = list(MANIFEST_SCHEMA)
     for name in extra_columns:
         values = [r.extras[name] for r in rows]
         array = _extra_array(values)

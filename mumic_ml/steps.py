@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mumic_ml.batches import BatchIngestResult, ingest_batches
 from mumic_ml.config import Params
 from mumic_ml.io import atomic_write_json, read_json
@@ -155,8 +157,6 @@ def combined_version(md5s: dict[str, str]) -> str:
 
 def dvc_lock_matches(paths: ProjectPaths, md5s: dict[str, str]) -> dict[str, bool | None]:
     """Whether each split file equals what dvc.lock records (None: dvc.lock does not know it yet)."""
-    import yaml
-
     lock_path = paths.root / "dvc.lock"
     recorded: dict[str, str] = {}
     if lock_path.is_file():

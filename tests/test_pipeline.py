@@ -24,6 +24,14 @@ from mumic_ml.config import load_params  # noqa: E402
 from mumic_ml.demo_world import generate_demo_world  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ASSET_NAMES = {
+    "raw_images",
+    "validated_labels",
+    "dataset_splits",
+    "trained_model",
+    "model_evaluation",
+    "registered_model",
+}
 SMALL = {
     "demo": {"n_images": 200},
     "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": None},
@@ -82,14 +90,7 @@ def test_definitions_load_and_resolve():
     )
     assert defs.get_sensor_def("new_data_sensor") is not None
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {
-        "raw_images",
-        "validated_labels",
-        "dataset_splits",
-        "trained_model",
-        "model_evaluation",
-        "registered_model",
-    }
+    assert keys == ASSET_NAMES
 
 
 def test_schedule_requests_a_retrain_run():
@@ -118,14 +119,7 @@ def test_sensor_fires_once_per_new_batch(tmp_path):
 def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
     root, result = pipeline_run
     assert result.success, [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert materialized(result) == {
-        "raw_images",
-        "validated_labels",
-        "dataset_splits",
-        "trained_model",
-        "model_evaluation",
-        "registered_model",
-    }
+    assert materialized(result) == ASSET_NAMES
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["evaluation_gate"] and checks["no_leakage"] and checks["labels_in_taxonomy"]
 

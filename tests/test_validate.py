@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mumic_ml.ingest import MANIFEST_SCHEMA
 from mumic_ml.io import read_json
 from mumic_ml.taxonomy import Taxonomy, load_taxonomy
 from mumic_ml.validate import (
@@ -25,18 +26,6 @@ RULES = ValidationRules(
 )
 # Every class has at least 3 images and every image 1 or 2 labels, so one defect trips exactly one check.
 CLEAN_LABELS = [["cat"], ["dog"], ["bird"], ["cat", "dog"], ["dog", "bird"], ["bird", "cat"], ["cat"], ["dog"]]
-
-_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source", pa.string()),
-        ("path", pa.string()),
-        ("sha256", pa.string()),
-        ("labels", pa.list_(pa.string())),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-    ]
-)
 
 
 def _rows(n: int = len(CLEAN_LABELS), offset: int = 0) -> list[dict]:
@@ -58,7 +47,7 @@ def _rows(n: int = len(CLEAN_LABELS), offset: int = 0) -> list[dict]:
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
-    pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), path)
     return path
 
 
