@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 PROJECT_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -88,6 +90,13 @@ def create_backbone(model_name: str, pretrained: str | None = None, *, device: s
         root.addFilter(quiet)
     try:
         clip = open_clip.create_model(model_name, pretrained=source, device=device, weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError) as exc:
+        # torch's own message suggests weights_only=False, i.e. running whatever code the file carries: never.
+        first_line = str(exc).partition("\n")[0][:200]
+        raise BackboneError(
+            f"refusing {source}: not a plain weights file (a valid safetensors file, or a torch file holding only "
+            f"tensors); it is never unpickled ({type(exc).__name__}: {first_line})"
+        ) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if source is not None and not Path(source).is_file():
             raise BackboneError(

@@ -11,6 +11,8 @@ replaced atomically to point at it. A reader that follows `latest.json` therefor
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mumic_ml.io import atomic_directory, atomic_write_json, read_json
@@ -108,11 +111,34 @@ def _prune(directory: Path, keep: int, protect: str) -> None:
             shutil.rmtree(directory / name, ignore_errors=True)
 
 
+def discard_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove what a killed writer left half-done in `run_dir`: temporary files and unfinished checkpoint folders.
+
+    Only the run's single writer calls this, before it writes anything, so nothing removed can be in use. Such
+    leftovers are never read (readers follow `latest.json` only), but each can be as large as a checkpoint.
+    """
+    run_dir = Path(run_dir)
+    removed = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        removed += [p for p in checkpoints.iterdir() if p.name.startswith(".") and p.suffix in (".staging", ".retired")]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return removed
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "latest.json"
     if not pointer.exists():
         return None
-    name = read_json(pointer)["checkpoint"]
+    try:
+        name = read_json(pointer)["checkpoint"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{pointer} is unreadable ({exc}); delete {run_dir} to start the run afresh") from exc
     path = Path(run_dir) / "checkpoints" / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name}, which is not on disk")
@@ -125,8 +151,14 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
-    state = read_json(path / "state.json")
-    if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+    try:
+        state = read_json(path / "state.json")
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
+        model_state = load_file(path / "model.safetensors")
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        # A damaged file is refused whole (and never unpickled); safetensors' own message names no file.
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
-    optimizer_state = unflatten_state(state.pop("optimizer"), load_file(path / "optimizer.safetensors"))
-    return LoadedCheckpoint(path, load_file(path / "model.safetensors"), optimizer_state, state)
+    optimizer_state = unflatten_state(state.pop("optimizer"), optimizer_tensors)
+    return LoadedCheckpoint(path, model_state, optimizer_state, state)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mumic_ml.config import DEFAULT_PARAMS_FILE, ConfigError, Params, load_params
+from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, Params, load_params
 
 log = logging.getLogger("mumic")
 
@@ -134,31 +134,44 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mumic_ml.pretrain import pretrain
+    from mumic_ml.steps import foundation_step
 
-    params = _params(args)
-    result = pretrain(
-        params,
-        splits_dir=Path(args.splits or params.paths.splits),
-        images_root=Path(args.images_root or params.paths.ingested),
-        cache_dir=Path(args.cache_dir or params.paths.cache),
-        out_path=Path(args.out or params.paths.foundation),
-        progress=not args.no_progress,
+    params = _with_paths(
+        _params(args),
+        {
+            "paths.splits": args.splits,
+            "paths.ingested": args.images_root,
+            "paths.cache": args.cache_dir,
+            "paths.foundation": args.out,
+            "paths.taxonomy": args.taxonomy,
+        },
     )
-    print(
-        f"pretrain: {result.epochs} epochs in {result.seconds:.0f} s, loss {result.final_loss:.4f}, "
-        f"val image->caption top-1 {result.val_retrieval_top1:.3f} -> {result.out_path}"
-    )
+    outcome = foundation_step(params, force=args.force, progress=not args.no_progress)
+    if outcome.pretrain is not None:
+        record = outcome.pretrain
+        print(
+            f"pretrain ({outcome.source}): {record['epochs']} epochs in {record['seconds']:.0f} s, "
+            f"loss {record['final_loss']:.4f}, val image->caption top-1 {record['val_retrieval_top1']:.3f}"
+        )
+    else:
+        print(
+            f"pretrain: model.pretrained is {params.model.pretrained!r}, nothing to pretrain "
+            f"(set model.pretrained to '{DEMO_FOUNDATION}' for the demo foundation)"
+        )
+    print(f"  weights: {outcome.weights or 'random initialisation'}")
+    if outcome.zero_shot is not None:
+        zero_shot = outcome.zero_shot
+        print(f"  zero-shot on the test split: GAP@10 {zero_shot['gap_at_10']:.4f}, mAP {zero_shot['map_macro']:.4f}")
+    print(f"  report: {outcome.report_path}")
     return 0
 
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from mumic_ml.pretrain import export_zero_shot
+    from mumic_ml.steps import foundation_weights
 
     params = _params(args)
-    weights = Path(args.weights or params.paths.foundation)
-    if not weights.is_file():
-        raise CommandError(f"backbone weights not found: {weights} (run `mumic pretrain` first)")
+    weights = args.weights or foundation_weights(params)
     model_dir = export_zero_shot(
         params,
         taxonomy_path=Path(args.taxonomy or params.paths.taxonomy),
@@ -399,12 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
     p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
     p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
-    p.add_argument("--out", help="checkpoint .safetensors, plus a .json beside it (default: paths.foundation)")
+    p.add_argument("--taxonomy", help="taxonomy YAML, for the zero-shot report (default: paths.taxonomy)")
+    p.add_argument("--out", help="folder for <backbone>.safetensors and its records (default: paths.foundation)")
+    p.add_argument("--force", action="store_true", help="pretrain even if the checkpoint matches config and data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("zero-shot", parents=[common], help="export a MuMIC model from a backbone, no fine-tuning")
-    p.add_argument("--weights", help="backbone checkpoint file (default: paths.foundation)")
+    p.add_argument("--weights", help="checkpoint file or open_clip tag (default: what model.pretrained names)")
     p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
     p.add_argument("--model-dir", required=True, help="model directory to write")
     p.set_defaults(func=cmd_zero_shot)
@@ -493,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BackboneError,
         CheckpointError,
         ModelDirError,
-        FileNotFoundError,
+        OSError,  # a missing input, a full disk, a refused permission: the cause is the message
     ) as exc:
         print(f"mumic {args.command}: error: {exc}", file=sys.stderr)
         return 2

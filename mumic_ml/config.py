@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+# `model.pretrained` value naming the project's own foundation: the checkpoint `mumic pretrain` writes under
+# `paths.foundation` (design section 6). Any other value is an open_clip tag or a checkpoint file.
+DEMO_FOUNDATION = "demo-foundation"
 
 
 class ConfigError(ValueError):
@@ -73,7 +76,8 @@ class ModelConfig(_Section):
     pretrained: str | None = Field(
         None,
         description="open_clip pretrained tag (e.g. 'openai', 'laion2b_s34b_b79k'), a local checkpoint file, "
-        "or null for random initialisation.",
+        f"'{DEMO_FOUNDATION}' (the checkpoint `mumic pretrain` writes under paths.foundation), or null for "
+        "random initialisation.",
     )
     head: Head = Head.MUMIC
     init_temperature: float | None = Field(
@@ -233,7 +237,7 @@ class PathsConfig(_Section):
     cache: Path = Path(".cache/preprocess")
     run: Path = Path("runs/train")
     model: Path = Path("models/mumic")
-    foundation: Path = Path("models/foundation/mumic-tiny-demo.safetensors")
+    foundation: Path = Path("models/foundation")
     reports: Path = Path("reports")
     incoming: Path = Path("data/incoming")
     taxonomy: Path = Path("data/incoming/demo/taxonomy.yaml")

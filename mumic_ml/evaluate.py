@@ -14,7 +14,13 @@ from torch.utils.data import DataLoader
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.images import PreprocessCache
 from mumic_ml.io import atomic_write_json, sha256_file
-from mumic_ml.metrics import evaluation_report, gap_at_k, mean_average_precision, per_class_average_precision
+from mumic_ml.metrics import (
+    evaluation_report,
+    gap_at_k,
+    mean_average_precision,
+    per_class_average_precision,
+    retrieval_map,
+)
 from mumic_ml.model_io import LoadedModel, load_model_dir
 from mumic_ml.taxonomy import class_prompts
 
@@ -61,8 +67,10 @@ def evaluate_model(
     batch_size: int = 256,
     device: str = "cpu",
     plots_dir: Path | None = None,
+    retrieval: bool = False,
 ) -> dict[str, Any]:
-    """GAP@k, GAP, mAP (macro and over the most frequent classes), per-class AP and thresholded P/R/F1.
+    """GAP@k, GAP, mAP (macro and over the most frequent classes), per-class AP and thresholded P/R/F1;
+    `retrieval` adds the image embeddings' nearest-neighbour mAP (`retrieval_map`, quadratic in the split size).
 
     Classes the model was not trained on but that appear in the split's labels (held-out classes) are scored
     zero-shot from their names and reported separately under `zero_shot`.
@@ -73,7 +81,9 @@ def evaluate_model(
     cache = PreprocessCache(cache_dir)
     dataset = CachedImageDataset(frame, images_root, targets, cache, loaded.image_norm.size)
     preparer = ImagePreparer(loaded.image_norm, torch.device(device))
-    probs, _ = compute_scores(loaded.classifier, dataset, preparer, batch_size=batch_size)
+    probs, embeddings = compute_scores(
+        loaded.classifier, dataset, preparer, batch_size=batch_size, with_embeddings=retrieval
+    )
     report = evaluation_report(
         probs,
         targets,
@@ -82,6 +92,8 @@ def evaluate_model(
         top_n=min(top_n_classes, len(loaded.class_names)) if top_n_classes else None,
         thresholds=loaded.thresholds,
     )
+    if retrieval:
+        report["retrieval_map"] = retrieval_map(embeddings, targets)
     held_out = list(loaded.metadata.get("held_out_classes", []))
     if held_out and loaded.supports_zero_shot:
         report["zero_shot"] = zero_shot_report(loaded, dataset, preparer, frame, held_out, batch_size=batch_size, k=k)

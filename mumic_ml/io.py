@@ -75,7 +75,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             if retired.exists():
                 shutil.rmtree(retired)
             os.replace(path, retired)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if retired is not None and not path.exists():
+                os.replace(retired, path)  # put the previous version back under its name
+            raise
         _fsync_dir(path.parent)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)

@@ -239,6 +239,40 @@ def precision_recall_f1(scores, targets, thresholds) -> dict:
     return _precision_recall_f1(scores, targets, _check_thresholds(thresholds, scores.shape[1]))
 
 
+def retrieval_map(embeddings, targets) -> float:
+    """Mean over query images of the AP of their nearest neighbours (cosine), a neighbour being relevant when it
+    shares at least one label with the query: how well the embedding space alone groups images by content.
+
+    Each query's AP is the per-class AP above with the other images' similarities as scores, ties included.
+    Queries that share no label with any other image have no relevant neighbour and are left out. O(N^2) time,
+    O(N) extra memory per query: meant for test splits, not whole collections.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    _, targets = _check_inputs(np.zeros(np.shape(targets)), targets)
+    if embeddings.ndim != 2 or embeddings.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"embeddings must be N x d with one row per image of targets ({targets.shape[0]}), got {embeddings.shape}"
+        )
+    if embeddings.shape[0] < 2:
+        raise ValueError("retrieval needs at least two images")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or inf")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit = embeddings / np.where(norms > 0, norms, 1.0)
+    labels = targets.astype(np.float32)
+    aps = []
+    for i in range(unit.shape[0]):
+        others = np.arange(unit.shape[0]) != i
+        similarity = (unit[others] @ unit[i]).round(12)  # rounding: equal vectors tie despite float noise
+        relevant = (labels[others] @ labels[i]) > 0
+        if relevant.any():
+            hits = np.sort(similarity[relevant])
+            aps.append(_precision_sum_at_hits(np.sort(similarity), hits) / hits.size)
+    if not aps:
+        raise ValueError("retrieval mAP is undefined: no image shares a label with another")
+    return float(np.mean(aps))
+
+
 def _json_float(value) -> float | None:
     """JSON has no NaN or inf; None stands for 'undefined' (NaN AP) or 'never predicted' (infinite threshold)."""
     value = float(value)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -128,7 +129,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     cfg = ModelConfig.model_validate({**spec["model"], "pretrained": None})
     backbone = create_backbone(name, None, device="cpu")
     classifier = build_classifier(cfg, spec["class_prompts"], backbone)
-    state = load_file(weights_path)
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as exc:
+        raise ModelDirError(f"{weights_path} is not a valid safetensors file (it is never unpickled): {exc}") from None
     missing, unexpected = classifier.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelDirError(f"{weights_path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

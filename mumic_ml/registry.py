@@ -138,9 +138,12 @@ class MumicPyfunc(mlflow.pyfunc.PythonModel):
             except ValueError as exc:
                 errors[i] = str(exc)
         threshold = params.get("threshold")
+        top_k = int(params.get("top_k", 5))
+        if top_k < 1:
+            raise MlflowException(f"top_k must be at least 1, got {top_k}", INVALID_PARAMETER_VALUE)
         predictions = self.predictor.predict(
             list(sources.values()),
-            top_k=int(params.get("top_k", 5)),
+            top_k=top_k,
             threshold=None if threshold is None else float(threshold),
             extra_classes=list(params.get("extra_classes") or []),
         )

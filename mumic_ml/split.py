@@ -8,6 +8,7 @@ every class is spread in the requested proportions as far as its count allows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -171,10 +172,14 @@ def split_manifest(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_report = {}
+    # Every split file is written under a temporary name before any is renamed: a failure while writing one
+    # leaves the previous set whole, never a new train split beside an old test split.
+    with contextlib.ExitStack() as files:
+        for name in names:
+            tmp = files.enter_context(atomic_path(out_dir / f"{name}.parquet"))
+            manifest[split_of_row == name].to_parquet(tmp, index=False)
     for name in names:
         in_split = split_of_row == name
-        with atomic_path(out_dir / f"{name}.parquet") as tmp:
-            manifest[in_split].to_parquet(tmp, index=False)
         positives = labels[in_split].sum(axis=0)
         splits_report[name] = {
             "n_images": int(in_split.sum()),

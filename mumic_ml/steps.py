@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from mumic_ml.batches import BatchIngestResult, ingest_batches
-from mumic_ml.config import Params
+from mumic_ml.config import DEMO_FOUNDATION, Params
 from mumic_ml.io import atomic_write_json, read_json
 from mumic_ml.taxonomy import load_taxonomy
 
@@ -109,6 +111,114 @@ def validate_splits_step(params: Params, root: Path = Path(".")):
     return validate_splits({name: paths.split(name) for name in SPLITS}, paths.validation / "splits")
 
 
+def demo_foundation_checkpoint(params: Params, root: Path = Path(".")) -> Path:
+    return ProjectPaths(root, params).foundation / f"{params.model.backbone}.safetensors"
+
+
+def foundation_weights(params: Params, root: Path = Path(".")) -> str | None:
+    """What `model.pretrained` names, for `create_backbone`: the demo foundation's checkpoint, or the tag or file
+    as configured."""
+    if params.model.pretrained != DEMO_FOUNDATION:
+        return params.model.pretrained
+    checkpoint = demo_foundation_checkpoint(params, root)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained is {DEMO_FOUNDATION!r} but {checkpoint} does not exist; build it with `mumic pretrain` "
+            "(the foundation_model asset, the DVC stage `pretrain`)"
+        )
+    return str(checkpoint)
+
+
+@dataclass(frozen=True)
+class FoundationOutcome:
+    source: str  # how the weights were obtained this time: pretrained, cached, resolved, random init
+    weights: str | None
+    zero_shot: dict[str, Any] | None  # test-split metrics of the untrained MuMIC head on these weights
+    pretrain: dict[str, Any] | None  # the demo foundation's pretraining record (None for other weights)
+    report_path: Path
+
+
+def _pretrain_record_matches(meta_path: Path, params: Params, fingerprint: str) -> bool:
+    if not meta_path.is_file():
+        return False
+    meta = read_json(meta_path)
+    return (
+        meta.get("backbone") == params.model.backbone
+        and meta.get("pretrain") == params.pretrain.model_dump(mode="json")
+        and meta.get("data_fingerprint") == fingerprint
+    )
+
+
+def foundation_step(
+    params: Params, root: Path = Path("."), *, force: bool = False, progress: bool = True
+) -> FoundationOutcome:
+    """The backbone weights that fine-tuning starts from, and their zero-shot quality on the test split.
+
+    With `model.pretrained: demo-foundation` the demo foundation is pretrained on the train split's captions,
+    unless the checkpoint there was already pretrained with the same backbone, `pretrain` section and data
+    (`force` pretrains anyway). Any other setting is resolved, downloading a tag now, so that missing weights fail
+    here with the fix in the message and not after the data steps of a long run.
+    """
+    from mumic_ml.backbone import create_backbone
+    from mumic_ml.data import read_split
+    from mumic_ml.pretrain import export_zero_shot, pretrain
+    from mumic_ml.train import data_fingerprint
+
+    paths = ProjectPaths(root, params)
+    record = None
+    if params.model.pretrained == DEMO_FOUNDATION:
+        checkpoint = demo_foundation_checkpoint(params, root)
+        meta_path = checkpoint.with_name(checkpoint.name + ".json")
+        fingerprint = data_fingerprint({name: read_split(paths.split(name)) for name in ("train", "val")})
+        if not force and checkpoint.is_file() and _pretrain_record_matches(meta_path, params, fingerprint):
+            source = "cached"
+        else:
+            pretrain(
+                params,
+                splits_dir=paths.splits,
+                images_root=paths.ingested,
+                cache_dir=paths.cache,
+                out_path=checkpoint,
+                progress=progress,
+            )
+            source = "pretrained"
+        meta = read_json(meta_path)
+        kept = ("epochs", "final_loss", "val_retrieval_top1", "seconds", "data_fingerprint")
+        record = {key: meta[key] for key in kept}
+        weights: str | None = str(checkpoint)
+    else:
+        weights = params.model.pretrained
+        create_backbone(params.model.backbone, weights, device="cpu")
+        source = "resolved" if weights else "random init"
+
+    zero_shot = None
+    if weights is not None:
+        with tempfile.TemporaryDirectory(prefix="mumic-zero-shot-") as tmp:
+            model_dir = export_zero_shot(
+                params.updated({"model.head": "mumic"}),
+                taxonomy_path=paths.taxonomy,
+                backbone_weights=weights,
+                model_dir=Path(tmp) / "model",
+            )
+            report = _evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json")
+        zero_shot = {key: report[key] for key in ("gap_at_10", "gap", "map_macro", "num_images") if key in report}
+        if "map_held_out" in report.get("zero_shot", {}):
+            zero_shot["held_out"] = report["zero_shot"]
+    report_path = paths.foundation / "foundation.json"
+    atomic_write_json(
+        report_path,
+        {
+            "backbone": params.model.backbone,
+            "pretrained": params.model.pretrained,
+            "weights": weights,
+            "source": source,
+            "pretrain": record,
+            "zero_shot_test": zero_shot,
+        },
+    )
+    return FoundationOutcome(source, weights, zero_shot, record, report_path)
+
+
 def _evaluate_on_test(
     paths: ProjectPaths, model_dir: Path, out: Path, *, plots_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -197,8 +307,15 @@ def tracking_location(params: Params, root: Path) -> tuple[str, Path | None]:
 
 def _run_url(uri: str, run_id: str) -> str:
     """Where the run shows in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
-    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/runs/{run_id}"
+    if not uri.startswith(("http://", "https://")):
+        return f"http://127.0.0.1:5000/#/runs/{run_id}"
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    # Rebuilt without user:password: the URL is shown in the Dagster UI and its event log.
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")) + f"/#/runs/{run_id}"
 
 
 @dataclass(frozen=True)
@@ -223,6 +340,20 @@ def train_step(
 
     paths = ProjectPaths(root, params)
     version = data_version(paths)
+    weights = foundation_weights(params, root)
+    training_params = params.updated({"model.pretrained": weights}) if weights != params.model.pretrained else params
+    train_paths = {
+        "splits_dir": paths.splits,
+        "images_root": paths.ingested,
+        "taxonomy_path": paths.taxonomy,
+        "run_dir": paths.run,
+        "model_dir": paths.model,
+        "cache_dir": paths.cache,
+    }
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun the other ranks only share the gradient work; rank 0 owns the run and the export.
+        result = train(training_params, **train_paths, resume=resume, progress=False)
+        return TrainOutcome(result, "", "", version)
     uri, artifacts = tracking_location(params, root)
     with start_run(
         experiment=params.mlflow.experiment,
@@ -234,34 +365,30 @@ def train_step(
         run_name="train",
         repo_dir=root,
     ) as run_id:
+        logged: set[int] = set()
+
+        def log_history_entry(entry: dict[str, Any]) -> None:
+            keys = ("train_loss", "val_gap_at_10", "val_map", "learning_rate", "images_per_second", "temperature")
+            metrics = {key: entry[key] for key in keys if entry.get(key) is not None}
+            log_epoch(run_id, entry["epoch"], metrics, tracking_uri=uri)
+            logged.add(entry["epoch"])
 
         def log_and_forward(report) -> None:
-            metrics = {
-                "train_loss": report.train_loss,
-                "val_gap_at_10": report.val_gap_at_10,
-                "val_map": report.val_map,
-                "learning_rate": report.learning_rate,
-                "images_per_second": report.images_per_second,
-            }
-            if report.temperature is not None:
-                metrics["temperature"] = report.temperature
-            log_epoch(run_id, report.epoch, metrics, tracking_uri=uri)
+            log_history_entry(asdict(report))
             if on_epoch_end is not None:
                 on_epoch_end(report)
 
         result = train(
-            params,
-            splits_dir=paths.splits,
-            images_root=paths.ingested,
-            taxonomy_path=paths.taxonomy,
-            run_dir=paths.run,
-            model_dir=paths.model,
-            cache_dir=paths.cache,
+            training_params,
+            **train_paths,
             resume=resume,
             on_epoch_end=log_and_forward,
             progress=progress,
             metadata={"mlflow_run_id": run_id, "data_version": version},
         )
+        for entry in result.history:  # epochs run before a crash, when this run resumed
+            if entry["epoch"] not in logged:
+                log_history_entry(entry)
         log_artifacts(run_id, paths.taxonomy, tracking_uri=uri)
     return TrainOutcome(result, run_id, _run_url(uri, run_id), version)
 

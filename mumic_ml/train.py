@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mumic_ml.backbone import create_backbone
-from mumic_ml.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mumic_ml.checkpoint import discard_partial_writes, latest_checkpoint, load_checkpoint, save_checkpoint
 from mumic_ml.config import Params, Precision, TrainConfig
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.demo_world import corrupt_labels
@@ -64,6 +64,9 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     finished: bool = False
+    # Training loss of `epoch` so far, folded in at each checkpoint, so a resumed epoch reports the same mean.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -232,6 +235,17 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _weights_digest(pretrained: str | None) -> str | None:
+    """A checkpoint file's content hash: a foundation re-pretrained in place must not resume an older run."""
+    if pretrained is None or not Path(pretrained).is_file():
+        return pretrained
+    digest = hashlib.sha256()
+    with open(pretrained, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def data_fingerprint(frames: dict[str, Any]) -> str:
     """Identifies the exact images and labels of every split, independent of file locations."""
     digest = hashlib.sha256()
@@ -293,6 +307,9 @@ def _restore_or_reset(
     A checkpoint of another configuration or other data is not resumed (that would silently mix two runs): the
     run starts fresh and says so. This is what lets `dvc repro` and the Dagster asset always pass `resume`.
     """
+    if is_main:
+        for leftover in discard_partial_writes(run_dir):
+            log.info("removed %s, left half-written by an interrupted run", leftover)
     checkpoint_path = latest_checkpoint(run_dir) if resume else None
     loaded = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if loaded is not None and loaded.state.get("run_signature") != run_signature:
@@ -402,7 +419,12 @@ def train(
 
     run_dir = Path(run_dir)
     run_signature = _sha256_json(
-        {"model": params.model.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "data": fingerprint}
+        {
+            "model": params.model.model_dump(mode="json"),
+            "weights": _weights_digest(params.model.pretrained),
+            "train": cfg.model_dump(mode="json"),
+            "data": fingerprint,
+        }
     )
     state, resumed_from = _restore_or_reset(
         run_dir,
@@ -429,7 +451,17 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_fraction * total_steps)
 
+    losses_seen: list[torch.Tensor] = []
+
+    def fold_losses() -> None:
+        """Move this epoch's losses into the state (one device sync, at checkpoints and at the epoch's end)."""
+        if losses_seen:
+            state.epoch_loss_sum += float(torch.stack(losses_seen).sum())
+            state.epoch_loss_count += len(losses_seen)
+            losses_seen.clear()
+
     def checkpoint_now() -> None:
+        fold_losses()
         if not dist_info.is_main:
             return
         save_checkpoint(
@@ -468,7 +500,6 @@ def train(
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
-        losses_seen: list[torch.Tensor] = []
         report: dict[str, Any] = {}
         started = time.perf_counter()
         images_seen = 0
@@ -499,13 +530,17 @@ def train(
             state.global_step += 1
             state.step_in_epoch += 1
             bar.update(1)
-            if state.step_in_epoch % 10 == 0:
+            if state.step_in_epoch % 10 == 0 and losses_seen:
                 bar.set_postfix(loss=f"{float(torch.stack(losses_seen[-10:]).mean()):.4f}")
-            if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
+            # Not at the epoch's last step: the end-of-epoch checkpoint follows, and a resume from here would
+            # replay no step and lose the epoch's last training report.
+            mid_epoch = state.step_in_epoch < steps_per_epoch
+            if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and mid_epoch:
                 checkpoint_now()
         bar.close()
         elapsed = time.perf_counter() - started
-        train_loss = float(torch.stack(losses_seen).mean()) if losses_seen else float("nan")
+        fold_losses()
+        train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else float("nan")
         if dist_info.world_size > 1:
             loss_tensor = torch.tensor([train_loss], device=device)
             dist.all_reduce(loss_tensor)
@@ -547,6 +582,7 @@ def train(
             dist.broadcast(stop, src=0)
         state.epoch += 1
         state.step_in_epoch = 0
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
         state.finished = bool(stop.item()) or state.epoch >= cfg.epochs
         checkpoint_now()
         if dist_info.is_main and on_epoch_end is not None:

@@ -11,7 +11,7 @@ from mumic_ml.cli import main
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """demo-data -> ingest -> split -> train -> evaluate through the CLI, as `make demo` runs it."""
+    """demo-data -> ingest -> split -> pretrain -> train -> evaluate through the CLI, as `dvc repro` runs it."""
     root = tmp_path_factory.mktemp("cli")
     fast = ["--set", "train.epochs=1", "--set", "train.batch_size=16"]
     steps = [
@@ -39,7 +39,24 @@ def pipeline(tmp_path_factory):
             str(root / "raw" / "taxonomy.yaml"),
         ],
         [
+            "pretrain",
+            "--splits",
+            str(root / "splits"),
+            "--images-root",
+            str(root / "ingested"),
+            "--taxonomy",
+            str(root / "raw" / "taxonomy.yaml"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(root / "foundation"),
+            "--no-progress",
+            *["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=16"],
+        ],
+        [
             "train",
+            "--set",
+            f"paths.foundation={root / 'foundation'}",
             "--splits",
             str(root / "splits"),
             "--images-root",

@@ -29,6 +29,7 @@ pytestmark = [
 TINY = {
     "demo": {"n_images": 60},
     "train": {"epochs": 1, "batch_size": 16},
+    "pretrain": {"epochs": 1, "batch_size": 16},
     "gate": {"min_gap_at_10": 0.0},
 }
 
@@ -103,6 +104,15 @@ def test_the_model_is_registered_as_challenger_with_its_data_version(project):
     assert version.tags["split_md5.test"] == locked_md5s(project)["data/splits/test.parquet"]
     registration = json.loads((project / "reports" / "registration.json").read_text())
     assert registration["version"] == 1
+
+
+def test_training_started_from_the_demo_foundation_of_the_pretrain_stage(project):
+    foundation = json.loads((project / "models" / "foundation" / "foundation.json").read_text())
+    assert foundation["pretrained"] == "demo-foundation" and foundation["source"] == "pretrained"
+    assert 0.0 <= foundation["zero_shot_test"]["gap_at_10"] <= 1.0
+    model = json.loads((project / "models" / "mumic" / "model.json").read_text())
+    assert model["metadata"]["pretrained"] == foundation["weights"] == "models/foundation/mumic-tiny.safetensors"
+    assert "models/foundation" in locked_md5s(project)
 
 
 def test_a_second_repro_runs_nothing(project):

@@ -18,6 +18,7 @@ from mumic_ml.metrics import (
     mean_average_precision,
     per_class_average_precision,
     precision_recall_f1,
+    retrieval_map,
     tune_thresholds,
 )
 
@@ -436,3 +437,51 @@ def test_edge_single_sample_and_single_class():
     assert gap_at_k([[0.3]], [[1]]) == 1.0
     assert mean_average_precision([[0.3]], [[1]]) == 1.0
     assert not math.isnan(tune_thresholds([[0.3]], [[1]])[0])
+
+
+def test_retrieval_map_by_hand():
+    embeddings = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    targets = np.array([[1, 0], [0, 1], [1, 0], [1, 1]])
+    # Query 0 ranks 1 (miss), 2 (hit), 3 (hit): (1/2 + 2/3) / 2. Query 1 finds its one relevant image last: 1/3.
+    # Query 2 ranks 1 (miss) then 0 and 3 tied (both hits): 2/3 each. Query 3 shares a label with everyone: 1.
+    expected = ((1 / 2 + 2 / 3) / 2 + 1 / 3 + 2 / 3 + 1.0) / 4
+    assert retrieval_map(embeddings, targets) == pytest.approx(expected)
+    assert retrieval_map(embeddings * 7.5, targets) == pytest.approx(expected)
+
+
+def test_retrieval_map_skips_queries_without_any_relevant_image():
+    embeddings = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    targets = np.array([[1, 0], [1, 0], [0, 1]])
+    assert retrieval_map(embeddings, targets) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no image shares a label"):
+        retrieval_map(embeddings, np.eye(3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 12), st.integers(2, 5), st.integers(0, 2**16))
+def test_retrieval_map_matches_sklearn_per_query(n, d, seed):
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n, d))
+    targets = rng.random((n, 3)) < 0.5
+    targets[:2, 0] = True  # at least one query has a relevant neighbour
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    aps = []
+    for i in range(n):
+        others = np.arange(n) != i
+        relevant = (targets[others] & targets[i]).any(axis=1)
+        if relevant.any():
+            aps.append(average_precision_score(relevant, (unit[others] @ unit[i]).round(12)))
+    assert retrieval_map(embeddings, targets) == pytest.approx(np.mean(aps))
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "targets", "message"),
+    [
+        (np.ones((3, 2)), np.ones((4, 1)), "one row per image"),
+        (np.ones((1, 2)), np.ones((1, 1)), "at least two images"),
+        (np.array([[1.0, np.nan], [1.0, 0.0]]), np.ones((2, 1)), "NaN or inf"),
+    ],
+)
+def test_retrieval_map_bad_inputs(embeddings, targets, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_map(embeddings, targets)

@@ -28,6 +28,7 @@ ASSET_NAMES = {
     "raw_images",
     "validated_labels",
     "dataset_splits",
+    "foundation_model",
     "trained_model",
     "model_evaluation",
     "registered_model",
@@ -35,6 +36,7 @@ ASSET_NAMES = {
 SMALL = {
     "demo": {"n_images": 200},
     "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": None},
+    "pretrain": {"epochs": 1, "batch_size": 16},
     "gate": {"min_gap_at_10": 0.05},
 }
 

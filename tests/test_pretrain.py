@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mumic_ml.backbone import create_backbone
+from mumic_ml.backbone import BackboneError, create_backbone
 from mumic_ml.cli import main
-from mumic_ml.config import ConfigError, Params, params_from_dict
+from mumic_ml.config import DEMO_FOUNDATION, ConfigError, Params, params_from_dict
 from mumic_ml.evaluate import evaluate_model
 from mumic_ml.model_io import load_model_dir
 from mumic_ml.pretrain import export_zero_shot, label_caption, pretrain
+from mumic_ml.steps import foundation_step, foundation_weights
 
 FAST = {"pretrain.batch_size": 16, "pretrain.epochs": 1, "pretrain.device": "cpu"}
 
@@ -151,16 +152,80 @@ def test_zero_shot_needs_the_mumic_head(tiny_world, tmp_path):
         export_zero_shot(params, taxonomy_path=tiny_world.taxonomy, backbone_weights=None, model_dir=tmp_path / "zs")
 
 
+def _project_params(world, tmp_path, **overrides):
+    """Params whose paths point into the tiny world, with the demo foundation written under tmp_path."""
+    return _params(
+        **{
+            "model.pretrained": DEMO_FOUNDATION,
+            "train.held_out_classes": ["red triangle"],
+            "paths.splits": str(world.splits),
+            "paths.ingested": str(world.ingested),
+            "paths.cache": str(world.cache),
+            "paths.taxonomy": str(world.taxonomy),
+            "paths.foundation": str(tmp_path / "foundation"),
+            **overrides,
+        }
+    )
+
+
+def test_foundation_step_pretrains_once_then_reuses_until_config_or_data_change(tiny_world, tmp_path, monkeypatch):
+    params = _project_params(tiny_world, tmp_path)
+    first = foundation_step(params, progress=False)
+    checkpoint = tmp_path / "foundation" / "mumic-tiny.safetensors"
+    assert first.source == "pretrained" and first.weights == str(checkpoint)
+    assert foundation_weights(params) == str(checkpoint)
+    assert 0.0 <= first.zero_shot["gap_at_10"] <= 1.0
+    assert first.zero_shot["held_out"]["classes"] == ["red triangle"]
+    report = json.loads(first.report_path.read_text())
+    assert report["source"] == "pretrained" and report["pretrained"] == DEMO_FOUNDATION
+    assert report["zero_shot_test"]["gap_at_10"] == first.zero_shot["gap_at_10"]
+
+    pretrain_calls = []
+    monkeypatch.setattr("mumic_ml.pretrain.pretrain", lambda *a, **k: pretrain_calls.append(k) or pretrain(*a, **k))
+    written = checkpoint.read_bytes()
+    assert foundation_step(params, progress=False).source == "cached" and not pretrain_calls
+    assert checkpoint.read_bytes() == written
+    assert foundation_step(params, force=True, progress=False).source == "pretrained"
+    assert foundation_step(params.updated({"pretrain.seed": 1}), progress=False).source == "pretrained"
+    assert checkpoint.read_bytes() != written
+    assert len(pretrain_calls) == 2
+
+
+def test_foundation_step_with_other_weights_resolves_them_instead(tiny_world, tmp_path, foundation):
+    resolved = foundation_step(_project_params(tiny_world, tmp_path, **{"model.pretrained": str(foundation.out_path)}))
+    assert resolved.source == "resolved" and resolved.weights == str(foundation.out_path)
+    assert resolved.pretrain is None and resolved.zero_shot is not None
+    assert not (tmp_path / "foundation" / "mumic-tiny.safetensors").exists()
+    random_init = foundation_step(_project_params(tiny_world, tmp_path, **{"model.pretrained": None}))
+    assert random_init.source == "random init" and random_init.zero_shot is None
+
+
+def test_unreachable_real_weights_fail_in_the_foundation_step_with_the_fix(tiny_world, tmp_path):
+    params = _project_params(tiny_world, tmp_path, **{"model.backbone": "ViT-B-32", "model.pretrained": "openai"})
+    with pytest.raises(BackboneError, match="set model.pretrained to its local path"):
+        foundation_step(params)
+
+
+def test_missing_demo_foundation_names_the_command_that_builds_it(tiny_world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mumic pretrain"):
+        foundation_weights(_project_params(tiny_world, tmp_path))
+
+
 def test_cli_pretrain_then_zero_shot(tiny_world, tmp_path, capsys):
-    weights = tmp_path / "f.safetensors"
+    out = tmp_path / "foundation"
     sets = [f"--set={key}={value}" for key, value in FAST.items()]
+    sets += [f"--set=model.pretrained={DEMO_FOUNDATION}", "--set=train.held_out_classes=[red triangle]"]
     common = ["--images-root", str(tiny_world.ingested), "--cache-dir", str(tiny_world.cache)]
-    assert main(["pretrain", *sets, "--splits", str(tiny_world.splits), *common, "--out", str(weights)]) == 0
-    assert weights.is_file() and weights.with_name("f.safetensors.json").is_file()
+    where = ["--splits", str(tiny_world.splits), "--taxonomy", str(tiny_world.taxonomy), "--out", str(out)]
+    assert main(["pretrain", *sets, *where, *common]) == 0
+    assert main(["pretrain", *sets, *where, *common]) == 0
+    weights = out / "mumic-tiny.safetensors"
+    assert weights.is_file() and (out / "mumic-tiny.safetensors.json").is_file() and (out / "foundation.json").is_file()
     model_dir = tmp_path / "zs"
     argv = ["zero-shot", "--weights", str(weights), "--taxonomy", str(tiny_world.taxonomy), "--model-dir"]
     assert main([*argv, str(model_dir)]) == 0
     split = ["--split", str(tiny_world.splits / "test.parquet"), "--out", str(tmp_path / "m.json")]
     assert main(["evaluate", "--model", str(model_dir), *split, *common]) == 0
-    out = capsys.readouterr().out
-    assert "pretrain:" in out and "zero-shot:" in out and "GAP@10" in out
+    printed = capsys.readouterr().out
+    assert "pretrain (pretrained):" in printed and "pretrain (cached):" in printed
+    assert "zero-shot on the test split: GAP@10" in printed and "zero-shot:" in printed and "GAP@10" in printed

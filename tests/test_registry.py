@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("mlflow")
 
 import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mumic_ml.config import Params  # noqa: E402
@@ -196,6 +197,9 @@ def test_pyfunc_from_the_registry_takes_paths_bytes_and_params(store):
     assert "hexagon" in many["labels"][0] and len(many["labels"][0]) == n_classes + 1
     kept = model.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": 100, "threshold": 0.5})
     assert all(score >= 0.5 for score in kept["scores"][0])
+    for top_k in (0, -3):
+        with pytest.raises(MlflowException, match="top_k must be at least 1"):
+            model.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": top_k})
 
 
 def test_promotion_refuses_a_worse_candidate_unless_forced_and_rolls_back(store):

@@ -1,0 +1,352 @@
+"""MuMIC against its baselines on the demo world: same backbone, data, budget and seeds (issue 4, docs/results.md).
+
+One project folder is built the way the pipeline builds it (demo world -> ingest -> split -> demo foundation, each
+through `mumic_ml.steps`); then every variant below is fine-tuned from that foundation with params.yaml's settings
+plus its own overrides, at each level of missing-positive noise in the training labels (test labels stay clean),
+once per seed, and scored on the test split: GAP@10, GAP, macro mAP, mAP over the majority classes, zero-shot mAP
+on the held-out classes and the image embeddings' retrieval mAP. Every finished run is saved at once, so a killed
+run continues where it stopped when started again with the same --workdir.
+
+    python benchmarks/quality.py --quick              # CI: a few minutes
+    python benchmarks/quality.py                      # the full table in docs/results.md (~45 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mumic_ml import steps
+from mumic_ml.config import Params, load_params
+from mumic_ml.demo_world import generate_demo_world
+from mumic_ml.evaluate import evaluate_model
+from mumic_ml.io import atomic_write_json, atomic_write_text, read_json
+from mumic_ml.pretrain import export_zero_shot
+from mumic_ml.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO_SHOT = "zero-shot"
+MUMIC = "MuMIC"
+
+# name -> overrides of params.yaml (None: no fine-tuning). MuMIC itself is params.yaml as it stands.
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    ZERO_SHOT: None,
+    "linear + BCE": {"model.head": "linear", "train.loss": "bce"},
+    "linear + ASL": {"model.head": "linear", "train.loss": "asl"},
+    MUMIC: {},
+    "MuMIC, fixed T=0.07": {"model.learn_temperature": False, "model.init_temperature": 0.07},
+    "MuMIC, fixed T=0.2": {"model.learn_temperature": False, "model.init_temperature": 0.2},
+    "MuMIC + learned bias": {"model.learn_bias": True},
+    "MuMIC, frozen text tower": {"model.freeze_text": True},
+    "MuMIC from random init": {"model.pretrained": None},
+}
+METRICS = ("gap_at_10", "gap", "map_macro", "map_top_n", "held_out_map", "retrieval_map")
+METRIC_TITLES = {
+    "gap_at_10": "GAP@10",
+    "gap": "GAP",
+    "map_macro": "mAP",
+    "map_top_n": "majority mAP",
+    "held_out_map": "held-out zero-shot mAP",
+    "retrieval_map": "retrieval mAP",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one benchmark run costs: the world, the foundation's pretraining and every fine-tuning."""
+
+    n_images: int
+    pretrain_epochs: int
+    train_epochs: int
+    seeds: tuple[int, ...]
+    noise: tuple[float, ...]
+
+
+FULL = Budget(n_images=3000, pretrain_epochs=20, train_epochs=4, seeds=(0, 1, 2), noise=(0.0, 0.2, 0.4))
+QUICK = Budget(n_images=300, pretrain_epochs=2, train_epochs=1, seeds=(0,), noise=(0.0, 0.4))
+
+
+def project_params(budget: Budget) -> dict[str, Any]:
+    """params.yaml of the benchmark project: the repository's, at the budget's size, no early stopping."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["demo"]["n_images"] = budget.n_images
+    params["pretrain"]["epochs"] = budget.pretrain_epochs
+    params["pretrain"]["device"] = "cpu"
+    params["train"].update(epochs=budget.train_epochs, early_stopping_patience=None, device="cpu")
+    if budget.n_images < 1000:  # a quick world has too few images per class for the default batch sizes
+        params["pretrain"]["batch_size"] = 32
+        params["train"]["batch_size"] = 32
+    return params
+
+
+def build_project(root: Path, budget: Budget) -> Params:
+    """Demo world, ingest, split and foundation, each by the pipeline's own step; reused when already there."""
+    params_path = root / "params.yaml"
+    wanted = yaml.safe_dump(project_params(budget), sort_keys=False)
+    if params_path.is_file() and params_path.read_text(encoding="utf-8") != wanted:
+        raise SystemExit(f"{root} holds a benchmark of another budget; use another --workdir or delete it")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(params_path, wanted)
+    params = load_params(params_path)
+    paths = steps.ProjectPaths(root, params)
+    if not paths.split("test").is_file():
+        generate_demo_world(paths.demo, n_images=params.demo.n_images, image_size=params.demo.image_size, seed=0)
+        steps.ingest_step(params, root)
+        steps.split_step(params, root)
+    return params
+
+
+def _scores(report: dict[str, Any]) -> dict[str, float | None]:
+    held_out = report.get("zero_shot", {}).get("map_held_out")
+    return {
+        "gap_at_10": report["gap_at_10"],
+        "gap": report["gap"],
+        "map_macro": report["map_macro"],
+        "map_top_n": report.get("map_top_n"),
+        "held_out_map": held_out,
+        "retrieval_map": report["retrieval_map"],
+    }
+
+
+def _evaluate(paths: steps.ProjectPaths, model_dir: Path, out: Path) -> dict[str, Any]:
+    cfg = paths.params.evaluate
+    return evaluate_model(
+        model_dir,
+        paths.split("test"),
+        paths.ingested,
+        out,
+        cache_dir=paths.cache,
+        k=cfg.k,
+        top_n_classes=cfg.top_n_classes,
+        batch_size=cfg.batch_size,
+        retrieval=True,
+    )
+
+
+def run_zero_shot(params: Params, root: Path, weights: str, out: Path) -> dict[str, Any]:
+    paths = steps.ProjectPaths(root, params)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        model_dir = export_zero_shot(
+            params, taxonomy_path=paths.taxonomy, backbone_weights=weights, model_dir=Path(tmp) / "model"
+        )
+        report = _evaluate(paths, model_dir, Path(tmp) / "metrics.json")
+    return {"variant": ZERO_SHOT, "scores": _scores(report), "seconds": time.perf_counter() - started}
+
+
+def run_variant(
+    params: Params, root: Path, weights: str, name: str, overrides: dict[str, Any], noise: float, seed: int
+) -> dict[str, Any]:
+    """Fine-tune one variant at one noise level and seed, score it on the test split, keep only the scores."""
+    paths = steps.ProjectPaths(root, params)
+    settings = {
+        "model.pretrained": weights,
+        "train.seed": seed,
+        "train.label_noise.missing": noise,
+        "train.label_noise.seed": seed,
+        **overrides,
+    }
+    run_params = params.updated(settings)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        result = train(
+            run_params,
+            splits_dir=paths.splits,
+            images_root=paths.ingested,
+            taxonomy_path=paths.taxonomy,
+            run_dir=Path(tmp) / "run",
+            model_dir=Path(tmp) / "model",
+            cache_dir=paths.cache,
+            progress=False,
+        )
+        report = _evaluate(paths, result.model_dir, Path(tmp) / "metrics.json")
+    return {
+        "variant": name,
+        "noise": noise,
+        "seed": seed,
+        "overrides": settings,
+        "scores": _scores(report),
+        "best_epoch": result.best_epoch,
+        "val_gap_at_10": [round(h["val_gap_at_10"], 5) for h in result.history],
+        "final_temperature": result.history[-1].get("temperature"),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _run_key(name: str, noise: float, seed: int) -> str:
+    return f"{name}|noise={noise:g}|seed={seed}"
+
+
+def summarise(runs: list[dict[str, Any]], zero_shot: dict[str, Any], budget: Budget) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds of every metric, per variant and noise level."""
+    rows = []
+    for name in VARIANTS:
+        for noise in budget.noise:
+            if name == ZERO_SHOT:
+                group = [zero_shot["scores"]]
+            else:
+                group = [r["scores"] for r in runs if r["variant"] == name and r["noise"] == noise]
+            row: dict[str, Any] = {"variant": name, "noise": noise, "n": len(group)}
+            for metric in METRICS:
+                values = [g[metric] for g in group if g.get(metric) is not None]
+                row[metric] = statistics.fmean(values) if values else None
+                row[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+            rows.append(row)
+    return rows
+
+
+def _cell(row: dict[str, Any], metric: str, best: float | None) -> str:
+    value = row[metric]
+    if value is None:
+        return "–"
+    text = f"{value:.3f} ± {row[f'{metric}_sd']:.3f}" if row["n"] > 1 else f"{value:.3f}"
+    return f"**{text}**" if best is not None and math.isclose(value, best) else text
+
+
+def markdown_table(rows: list[dict[str, Any]], budget: Budget) -> str:
+    """One table per noise level; the best mean of each column in bold."""
+    parts = []
+    for noise in budget.noise:
+        group = [r for r in rows if r["noise"] == noise]
+        best = {m: max((r[m] for r in group if r[m] is not None), default=None) for m in METRICS}
+        parts.append(f"**{noise:.0%} missing positives in the training labels**\n")
+        parts.append("| variant | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |")
+        parts.append("|---|" + "---|" * len(METRICS))
+        for r in group:
+            parts.append(f"| {r['variant']} | " + " | ".join(_cell(r, m, best[m]) for m in METRICS) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict[str, Any]], budget: Budget, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric in ("gap_at_10", "map_macro"):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for name in VARIANTS:
+            series = [r for r in rows if r["variant"] == name and r[metric] is not None]
+            if series:
+                ax.errorbar(
+                    [100 * r["noise"] for r in series],
+                    [r[metric] for r in series],
+                    yerr=[r[f"{metric}_sd"] for r in series],
+                    marker="o",
+                    capsize=3,
+                    label=name,
+                    linewidth=2.5 if name == MUMIC else 1.2,
+                )
+        ax.set_xlabel("missing positives in the training labels (%)")
+        ax.set_ylabel(f"test {METRIC_TITLES[metric]}")
+        ax.set_xticks([100 * n for n in budget.noise])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        path = out_dir / f"quality_{metric}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny world, 1 seed, 2 noise levels (CI)")
+    parser.add_argument("--workdir", type=Path, help="project folder, reused to resume (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="results folder (default: docs/results, quick: reports/quality)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="only these (default: all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    budget = QUICK if args.quick else FULL
+    out_dir = args.out or (REPO / ("reports/quality" if args.quick else "docs/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = args.workdir is not None
+    root = (args.workdir or Path(tempfile.mkdtemp(prefix="mumic-quality-"))).resolve()
+    variants = {name: VARIANTS[name] for name in (args.variants or VARIANTS)}
+    started = time.perf_counter()
+    try:
+        params = build_project(root, budget)
+        foundation = steps.foundation_step(params, root, progress=False)
+        print(f"foundation {foundation.source}: {foundation.weights}", flush=True)
+        done_dir = root / "results"
+        done_dir.mkdir(exist_ok=True)
+
+        def cached(key: str, compute) -> dict[str, Any]:
+            path = done_dir / (key.replace("|", "_").replace(" ", "_").replace("/", "_") + ".json")
+            if path.is_file():
+                return read_json(path)
+            result = compute()
+            atomic_write_json(path, result)
+            return result
+
+        zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(params, root, foundation.weights, root / "zs"))
+        runs = []
+        for noise in budget.noise:
+            for seed in budget.seeds:
+                for name, overrides in variants.items():
+                    if overrides is None:
+                        continue
+                    key = _run_key(name, noise, seed)
+                    run = cached(
+                        key,
+                        lambda n=name, o=overrides, z=noise, s=seed: run_variant(
+                            params, root, foundation.weights, n, o, z, s
+                        ),
+                    )
+                    runs.append(run)
+                    scores = run["scores"]
+                    print(
+                        f"{key:45s} GAP@10 {scores['gap_at_10']:.4f}  mAP {scores['map_macro']:.4f}  "
+                        f"retrieval {scores['retrieval_map']:.4f}  {run['seconds']:.0f} s",
+                        flush=True,
+                    )
+        rows = summarise(runs, zero_shot, budget)
+        table = markdown_table([r for r in rows if r["variant"] in variants], budget)
+        elapsed = time.perf_counter() - started
+        results = {
+            "budget": budget.__dict__,
+            "params": project_params(budget),
+            "foundation": read_json(foundation.report_path),
+            "zero_shot": zero_shot,
+            "runs": runs,
+            "summary": rows,
+            "seconds": elapsed,
+            "machine": {
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "cpu_threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+            },
+        }
+        atomic_write_json(out_dir / "quality.json", results)
+        atomic_write_text(out_dir / "quality_table.md", table)
+        plots = plot(rows, budget, out_dir)
+        print("\n" + table)
+        print(
+            f"wall time {elapsed / 60:.1f} min; results in {out_dir}: quality.json, quality_table.md, "
+            + ", ".join(p.name for p in plots)
+        )
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
