@@ -99,11 +99,18 @@ class GateFailedError(RegistryError):
 # --- the pyfunc model -------------------------------------------------------------------------------------------
 
 
-def _image_source(value: Any) -> str | bytes:
+# "0" makes a served model refuse `image` cells that are server paths: a client could otherwise probe which files
+# exist on the server and read the first bytes of any non-image file from the error message.
+ALLOW_PATH_INPUTS_ENV = "MUMIC_ALLOW_PATH_INPUTS"
+
+
+def _image_source(value: Any, *, allow_paths: bool = True) -> str | bytes:
     """One `image` cell as a path or encoded bytes; ValueError names what was wrong with it."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str | os.PathLike):
+        if not allow_paths:
+            raise ValueError(f"path_input_disabled: send image bytes ({{'b64': ...}}); {ALLOW_PATH_INPUTS_ENV}=0")
         return os.fspath(value)
     if isinstance(value, Mapping) and isinstance(value.get("b64"), str):
         try:
@@ -125,6 +132,7 @@ class MumicPyfunc(mlflow.pyfunc.PythonModel):
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor.from_dir(context.artifacts[MODEL_DIR_ARTIFACT], device=device)
+        self.allow_paths = os.environ.get(ALLOW_PATH_INPUTS_ENV, "1") != "0"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = params or {}
@@ -134,7 +142,7 @@ class MumicPyfunc(mlflow.pyfunc.PythonModel):
         sources: dict[int, str | bytes] = {}
         for i, value in enumerate(model_input["image"].tolist()):
             try:
-                sources[i] = _image_source(value)
+                sources[i] = _image_source(value, allow_paths=self.allow_paths)
             except ValueError as exc:
                 errors[i] = str(exc)
         threshold = params.get("threshold")

@@ -202,6 +202,18 @@ def test_pyfunc_from_the_registry_takes_paths_bytes_and_params(store):
             model.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": top_k})
 
 
+def test_a_served_model_can_refuse_server_paths(store, monkeypatch):
+    _register(store, "mumic-bytes-only")
+    monkeypatch.setenv("MUMIC_ALLOW_PATH_INPUTS", "0")
+    with tracking_scope(store.uri):
+        model = mlflow.pyfunc.load_model("models:/mumic-bytes-only@challenger")
+    image = store.images[0]
+    out = model.predict(pd.DataFrame({"image": [str(image), "/etc/passwd", image.read_bytes()]}))
+    assert out["error"][0].startswith("path_input_disabled") and out["error"][1].startswith("path_input_disabled")
+    assert "root" not in out["error"][1] and out["labels"][1] == []
+    assert out["error"][2] is None and len(out["labels"][2]) == 5
+
+
 def test_promotion_refuses_a_worse_candidate_unless_forced_and_rolls_back(store):
     name = "mumic-promo"
     with pytest.raises(RegistryError, match="challenger"):
