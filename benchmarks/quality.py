@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 ZERO_SHOT = "zero-shot"
 MUMIC = "MuMIC"
 
-# name -> overrides of params.yaml (None: no fine-tuning). MuMIC itself is params.yaml as it stands.
+# name -> overrides of params.yaml (None: no fine-tuning). MuMIC itself is params.yaml as it stands: the MuMIC
+# head (cosines to class text embeddings plus a class residual, learned temperature) trained with ASL on s / T.
 VARIANTS: dict[str, dict[str, Any] | None] = {
     ZERO_SHOT: None,
     "linear + BCE": {"model.head": "linear", "train.loss": "bce"},
@@ -75,7 +76,7 @@ class Budget:
     noise: tuple[float, ...]
 
 
-FULL = Budget(n_images=3000, pretrain_epochs=20, train_epochs=4, seeds=(0, 1, 2), noise=(0.0, 0.2, 0.4))
+FULL = Budget(n_images=3000, pretrain_epochs=20, train_epochs=3, seeds=(0, 1, 2), noise=(0.0, 0.2, 0.4))
 QUICK = Budget(n_images=300, pretrain_epochs=2, train_epochs=1, seeds=(0,), noise=(0.0, 0.4))
 
 

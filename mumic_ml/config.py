@@ -87,6 +87,11 @@ class ModelConfig(_Section):
     max_inverse_temperature: float = Field(100.0, gt=1, description="Clamp on 1/T, as CLIP clamps its logit scale.")
     learn_bias: bool = False
     init_bias: float = 0.0
+    class_residual: bool = Field(
+        True,
+        description="Learn a vector per class added to its text embedding, starting at zero (so training starts "
+        "from zero-shot); classes named only at predict time use their text embedding alone.",
+    )
     freeze_text: bool = False
     freeze_image: bool = False
 
@@ -105,7 +110,7 @@ class Precision(enum.StrEnum):
 
 
 class AsymmetricLossConfig(_Section):
-    gamma_neg: float = Field(4.0, ge=0)
+    gamma_neg: float = Field(2.0, ge=0)
     gamma_pos: float = Field(1.0, ge=0)
     clip: float = Field(0.05, ge=0, lt=1)
 
@@ -119,14 +124,16 @@ class LabelNoiseConfig(_Section):
 
 
 class TrainConfig(_Section):
-    loss: Loss = Loss.TEMPERED_SIGMOID_BCE
+    loss: Loss = Loss.ASL
     asl: AsymmetricLossConfig = AsymmetricLossConfig()
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(64, ge=1)
     accumulation_steps: int = Field(1, ge=1)
     lr_image: float = Field(5e-4, ge=0, description="Peak learning rate of the image tower.")
-    lr_text: float = Field(2e-4, ge=0, description="Peak learning rate of the text tower.")
-    lr_head: float = Field(1e-2, ge=0, description="Peak learning rate of temperature, bias and a linear head.")
+    lr_text: float = Field(5e-4, ge=0, description="Peak learning rate of the text tower.")
+    lr_head: float = Field(
+        3e-2, ge=0, description="Peak learning rate of temperature, bias, class residual and a linear head."
+    )
     weight_decay: float = Field(0.05, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     min_lr_fraction: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak.")

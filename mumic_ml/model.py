@@ -106,6 +106,7 @@ class MumicClassifier(nn.Module):
         max_inverse_temperature: float = 100.0,
         learn_bias: bool = False,
         init_bias: float = 0.0,
+        class_residual: bool = False,
         freeze_text: bool = False,
         freeze_image: bool = False,
     ) -> None:
@@ -127,6 +128,9 @@ class MumicClassifier(nn.Module):
         self.log_inv_temperature = nn.Parameter(torch.tensor(log_inv_t), requires_grad=learn_temperature)
         self.bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn_bias)
         self.max_log_inv_temperature = math.log(max_inverse_temperature)
+        # W = text embedding + a free residual per class: each class can move (and scale) away from its prompt as
+        # fast as a linear head, while the text tower keeps learning the names (docs/results.md).
+        self.class_residual = nn.Parameter(torch.zeros(self.num_classes, _embed_dim(clip))) if class_residual else None
         self.freeze_text = freeze_text
         if freeze_text:
             for p in text_parameters(clip):
@@ -154,16 +158,19 @@ class MumicClassifier(nn.Module):
         return F.normalize(summed, dim=-1)
 
     def class_features(self) -> torch.Tensor:
-        """W (C x d), recomputed with gradients while training the text tower, cached otherwise."""
+        """W (C x d): the pooled text embeddings, recomputed with gradients while training the text tower and
+        cached otherwise, plus the class residual."""
         trainable_text = self.training and not self.freeze_text
         if trainable_text:
-            return self._pool_classes(encode_text(self.clip, self.prompt_tokens), self.prompt_owner, self.num_classes)
-        if self._class_cache is None:
-            with torch.no_grad():
-                self._class_cache = self._pool_classes(
-                    encode_text(self.clip, self.prompt_tokens), self.prompt_owner, self.num_classes
-                )
-        return self._class_cache
+            text = self._pool_classes(encode_text(self.clip, self.prompt_tokens), self.prompt_owner, self.num_classes)
+        else:
+            if self._class_cache is None:
+                with torch.no_grad():
+                    self._class_cache = self._pool_classes(
+                        encode_text(self.clip, self.prompt_tokens), self.prompt_owner, self.num_classes
+                    )
+            text = self._class_cache
+        return text if self.class_residual is None else text + self.class_residual
 
     @torch.no_grad()
     def encode_class_prompts(self, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -210,6 +217,13 @@ class LinearClassifier(nn.Module):
             raise ValueError("a linear-head model has no text tower: it cannot score classes zero-shot")
         v = self.image_features(images)
         return ClassifierOutput(self.head(v), v)
+
+
+def _embed_dim(clip: nn.Module) -> int:
+    projection = getattr(clip, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return int(projection.shape[-1])
+    return int(clip.visual.output_dim)
 
 
 def default_class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

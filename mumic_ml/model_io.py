@@ -44,6 +44,7 @@ def build_classifier(
             max_inverse_temperature=cfg.max_inverse_temperature,
             learn_bias=cfg.learn_bias,
             init_bias=cfg.init_bias,
+            class_residual=cfg.class_residual,
             freeze_text=cfg.freeze_text,
             freeze_image=cfg.freeze_image,
         )
@@ -126,7 +127,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     arch_file = path / "architecture" / f"{name}.json"
     if arch_file.is_file():
         register_model_config(name, read_json(arch_file), arch_file.parent)
-    cfg = ModelConfig.model_validate({**spec["model"], "pretrained": None})
+    # Directories written before the class residual existed have no such weights.
+    cfg = ModelConfig.model_validate({"class_residual": False, **spec["model"], "pretrained": None})
     backbone = create_backbone(name, None, device="cpu")
     classifier = build_classifier(cfg, spec["class_prompts"], backbone)
     try:

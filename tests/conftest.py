@@ -49,3 +49,20 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
 # Every MLflow run of the test session goes to a throwaway store, never to mlflow.db / mlartifacts in the repo.
 _MLFLOW_DIR = Path(__import__("tempfile").mkdtemp(prefix="mumic-mlflow-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """benchmarks/ is not a package: load one of its scripts as a module, to call its main in-process."""
+    import importlib.util
+    import sys
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,5 +1,6 @@
 """The MuMIC head on a real (tiny, random) open_clip model: text trimming, class pooling, zero-shot, save/load."""
 
+import json
 import math
 
 import numpy as np
@@ -105,6 +106,45 @@ def test_linear_head_cannot_score_extra_classes(backbone):
             model(_images(), torch.zeros(1, backbone.model_config["embed_dim"]))
 
 
+def test_class_residual_starts_at_zero_shot_and_moves_only_its_class(backbone):
+    plain = MumicClassifier(backbone.clip, backbone.tokenizer, PROMPTS).eval()
+    model = MumicClassifier(backbone.clip, backbone.tokenizer, PROMPTS, class_residual=True).eval()
+    images = _images()
+    extra = plain.encode_class_prompts([["a green triangle."]])
+    with torch.no_grad():
+        assert torch.equal(model(images, extra).logits, plain(images, extra).logits)
+        model.class_residual[1] += 0.3
+        moved = model(images, extra).logits
+        before = plain(images, extra).logits
+    assert not torch.allclose(moved[:, 1], before[:, 1])
+    assert torch.equal(moved[:, [0, 2, 3]], before[:, [0, 2, 3]])  # other classes and the zero-shot class unchanged
+    assert model.class_residual.shape == (3, backbone.model_config["embed_dim"])
+    assert model.class_residual.requires_grad and plain.class_residual is None
+
+
+def test_model_directory_from_before_the_class_residual_still_loads(tmp_path, backbone):
+    cfg = ModelConfig(class_residual=False)
+    taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
+    classifier = build_classifier(cfg, PROMPTS, backbone).eval()
+    model_dir = save_model_dir(
+        tmp_path / "model",
+        classifier=classifier,
+        backbone_name="mumic-tiny",
+        backbone_config=backbone.model_config,
+        model_cfg=cfg,
+        image_norm=backbone.image_norm,
+        taxonomy=taxonomy,
+        class_names=taxonomy.names,
+        class_prompts=PROMPTS,
+        thresholds=None,
+        metadata={},
+    )
+    spec = json.loads((model_dir / "model.json").read_text())
+    del spec["model"]["class_residual"]
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    assert load_model_dir(model_dir).classifier.class_residual is None
+
+
 @pytest.mark.parametrize("head", [Head.MUMIC, Head.LINEAR])
 def test_model_directory_round_trip(tmp_path, head):
     torch.manual_seed(0)
@@ -112,6 +152,9 @@ def test_model_directory_round_trip(tmp_path, head):
     cfg = ModelConfig(head=head, learn_bias=True, init_bias=-1.5)
     taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
     classifier = build_classifier(cfg, PROMPTS, backbone).eval()
+    if head is Head.MUMIC:
+        with torch.no_grad():
+            classifier.class_residual.normal_(0, 0.1)
     save_model_dir(
         tmp_path / "model",
         classifier=classifier,

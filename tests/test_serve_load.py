@@ -1,27 +1,13 @@
 """The served pyfunc under a short mixed load: bad requests get a clear answer and never cost a valid one."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-
-
-def _load_script():
-    """benchmarks/ is not a package: load the script as a module to call its main in-process."""
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
-def test_quick_load_keeps_valid_requests_working_and_answers_every_fault(tmp_path):
-    serve_load = _load_script()
+def test_quick_load_keeps_valid_requests_working_and_answers_every_fault(tmp_path, load_benchmark):
+    serve_load = load_benchmark("serve_load")
     out = tmp_path / "report" / "serve_load.json"
     argv = ["--quick", "--duration", "3", "--workers", "2", "--images", "8", "--workdir", str(tmp_path / "work")]
     assert serve_load.main([*argv, "--out", str(out)]) == 0

@@ -63,8 +63,12 @@ def test_parameter_groups_separate_towers_and_skip_decay_on_1d(tiny_world):
     backbone = create_backbone("mumic-tiny", None)
     model = build_classifier(params.model, [["a"], ["b"]], backbone)
     groups = {g["name"]: g for g in parameter_groups(model, params)}
-    assert set(groups) == {"image_decay", "image_no_decay", "text_decay", "text_no_decay", "head_no_decay"}
+    towers = ("image", "text", "head")
+    assert set(groups) == {f"{tower}_{decay}" for tower in towers for decay in ("decay", "no_decay")}
     assert groups["head_no_decay"]["params"] == [model.log_inv_temperature]
+    # The class residual decays towards zero, i.e. towards the class's text embedding.
+    assert groups["head_decay"]["params"] == [model.class_residual]
+    assert groups["head_decay"]["peak_lr"] == params.train.lr_head
     assert groups["image_no_decay"]["weight_decay"] == 0.0 and groups["image_decay"]["weight_decay"] == 0.05
     assert all(p.ndim < 2 for g in groups.values() if "no_decay" in g["name"] for p in g["params"])
     assert groups["text_decay"]["peak_lr"] == params.train.lr_text

@@ -1,0 +1,59 @@
+"""benchmarks/quality.py: the summary arithmetic by hand, and the quick mode end to end (what CI runs)."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quality(load_benchmark):
+    return load_benchmark("quality")
+
+
+def test_summary_is_the_mean_and_spread_over_seeds(quality):
+    budget = quality.Budget(n_images=10, pretrain_epochs=1, train_epochs=1, seeds=(0, 1), noise=(0.0,))
+    scores = {m: 0.5 for m in quality.METRICS}
+    runs = [
+        {"variant": quality.MUMIC, "noise": 0.0, "scores": {**scores, "gap_at_10": 0.6}},
+        {"variant": quality.MUMIC, "noise": 0.0, "scores": {**scores, "gap_at_10": 0.8}},
+        {"variant": "linear + BCE", "noise": 0.0, "scores": {**scores, "gap_at_10": 0.65, "held_out_map": None}},
+    ]
+    zero_shot = {"scores": {**scores, "gap_at_10": 0.3}}
+    rows = {r["variant"]: r for r in quality.summarise(runs, zero_shot, budget)}
+    assert rows[quality.MUMIC]["gap_at_10"] == pytest.approx(0.7)
+    assert rows[quality.MUMIC]["gap_at_10_sd"] == pytest.approx(0.1414213562)  # sample sd of 0.6, 0.8
+    assert rows["linear + BCE"]["n"] == 1 and rows["linear + BCE"]["gap_at_10_sd"] == 0.0
+    assert rows["linear + BCE"]["held_out_map"] is None
+    assert rows[quality.ZERO_SHOT]["gap_at_10"] == 0.3
+
+    table = quality.markdown_table(list(rows.values()), budget)
+    assert "| MuMIC | **0.700 ± 0.141** |" in table
+    linear_row = next(line for line in table.splitlines() if line.startswith("| linear + BCE |"))
+    assert linear_row.startswith("| linear + BCE | 0.650 | **0.500** |") and "| – |" in linear_row
+
+
+@pytest.mark.slow
+def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality, tmp_path, monkeypatch):
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert quality.main(["--quick", "--workdir", str(work), "--out", str(out)]) == 0
+    results = json.loads((out / "quality.json").read_text())
+    budget = quality.QUICK
+    trained = [name for name, overrides in quality.VARIANTS.items() if overrides is not None]
+    assert len(results["runs"]) == len(trained) * len(budget.noise) * len(budget.seeds)
+    assert {r["variant"] for r in results["summary"]} == set(quality.VARIANTS)
+    for run in results["runs"]:
+        for metric in ("gap_at_10", "gap", "map_macro", "map_top_n", "retrieval_map"):
+            assert 0.0 <= run["scores"][metric] <= 1.0, (run["variant"], metric)
+        has_text_tower = not run["variant"].startswith("linear")
+        assert (run["scores"]["held_out_map"] is not None) == has_text_tower, run["variant"]
+    assert results["foundation"]["source"] == "pretrained"
+    assert results["zero_shot"]["scores"]["held_out_map"] is not None
+    assert (out / "quality_table.md").read_text().count("| MuMIC |") == len(budget.noise)
+    assert (out / "quality_gap_at_10.png").stat().st_size > 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(quality, "run_variant", no_training)
+    assert quality.main(["--quick", "--workdir", str(work), "--out", str(out)]) == 0
+    assert json.loads((out / "quality.json").read_text())["runs"] == results["runs"]
