@@ -61,7 +61,7 @@ METRIC_TITLES = {
     "map_macro": "mAP",
     "map_top_n": "majority mAP",
     "held_out_map": "held-out zero-shot mAP",
-    "retrieval_map": "retrieval mAP",
+    "retrieval_map": "retrieval mAP (Jaccard ≥ 0.5)",
 }
 
 

@@ -447,13 +447,16 @@ def test_retrieval_map_by_hand():
     expected = ((1 / 2 + 2 / 3) / 2 + 1 / 3 + 2 / 3 + 1.0) / 4
     assert retrieval_map(embeddings, targets) == pytest.approx(expected)
     assert retrieval_map(embeddings * 7.5, targets) == pytest.approx(expected)
+    # Same label set only: query 0 finds image 2 second (1/2); query 2 finds image 0 in a tie block of three
+    # entries at similarity 0 (1/3); queries 1 and 3 have no relevant neighbour and are left out.
+    assert retrieval_map(embeddings, targets, min_jaccard=1.0) == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
 def test_retrieval_map_skips_queries_without_any_relevant_image():
     embeddings = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     targets = np.array([[1, 0], [1, 0], [0, 1]])
     assert retrieval_map(embeddings, targets) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="no image shares a label"):
+    with pytest.raises(ValueError, match="no image has a relevant neighbour"):
         retrieval_map(embeddings, np.eye(3))
 
 
@@ -468,7 +471,9 @@ def test_retrieval_map_matches_sklearn_per_query(n, d, seed):
     aps = []
     for i in range(n):
         others = np.arange(n) != i
-        relevant = (targets[others] & targets[i]).any(axis=1)
+        shared = (targets[others] & targets[i]).sum(axis=1)
+        union = (targets[others] | targets[i]).sum(axis=1)
+        relevant = (shared > 0) & (2 * shared >= union)
         if relevant.any():
             aps.append(average_precision_score(relevant, (unit[others] @ unit[i]).round(12)))
     assert retrieval_map(embeddings, targets) == pytest.approx(np.mean(aps))
@@ -485,3 +490,5 @@ def test_retrieval_map_matches_sklearn_per_query(n, d, seed):
 def test_retrieval_map_bad_inputs(embeddings, targets, message):
     with pytest.raises(ValueError, match=message):
         retrieval_map(embeddings, targets)
+    with pytest.raises(ValueError, match="min_jaccard"):
+        retrieval_map(np.eye(2), np.ones((2, 1)), min_jaccard=0.0)
