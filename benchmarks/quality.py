@@ -32,7 +32,6 @@ import yaml
 from mumic_ml import steps
 from mumic_ml.config import Params, load_params
 from mumic_ml.demo_world import generate_demo_world
-from mumic_ml.evaluate import evaluate_model
 from mumic_ml.io import atomic_write_json, atomic_write_text, read_json
 from mumic_ml.pretrain import export_zero_shot
 from mumic_ml.train import train
@@ -122,21 +121,6 @@ def _scores(report: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def _evaluate(paths: steps.ProjectPaths, model_dir: Path, out: Path) -> dict[str, Any]:
-    cfg = paths.params.evaluate
-    return evaluate_model(
-        model_dir,
-        paths.split("test"),
-        paths.ingested,
-        out,
-        cache_dir=paths.cache,
-        k=cfg.k,
-        top_n_classes=cfg.top_n_classes,
-        batch_size=cfg.batch_size,
-        retrieval=True,
-    )
-
-
 def run_zero_shot(params: Params, root: Path, weights: str, out: Path) -> dict[str, Any]:
     paths = steps.ProjectPaths(root, params)
     started = time.perf_counter()
@@ -144,7 +128,7 @@ def run_zero_shot(params: Params, root: Path, weights: str, out: Path) -> dict[s
         model_dir = export_zero_shot(
             params, taxonomy_path=paths.taxonomy, backbone_weights=weights, model_dir=Path(tmp) / "model"
         )
-        report = _evaluate(paths, model_dir, Path(tmp) / "metrics.json")
+        report = steps.evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json", retrieval=True)
     return {"variant": ZERO_SHOT, "scores": _scores(report), "seconds": time.perf_counter() - started}
 
 
@@ -173,7 +157,7 @@ def run_variant(
             cache_dir=paths.cache,
             progress=False,
         )
-        report = _evaluate(paths, result.model_dir, Path(tmp) / "metrics.json")
+        report = steps.evaluate_on_test(paths, result.model_dir, Path(tmp) / "metrics.json", retrieval=True)
     return {
         "variant": name,
         "noise": noise,

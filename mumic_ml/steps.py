@@ -200,7 +200,7 @@ def foundation_step(
                 backbone_weights=weights,
                 model_dir=Path(tmp) / "model",
             )
-            report = _evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json")
+            report = evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json")
         zero_shot = {key: report[key] for key in ("gap_at_10", "gap", "map_macro", "num_images") if key in report}
         if "map_held_out" in report.get("zero_shot", {}):
             zero_shot["held_out"] = report["zero_shot"]
@@ -219,10 +219,10 @@ def foundation_step(
     return FoundationOutcome(source, weights, zero_shot, record, report_path)
 
 
-def _evaluate_on_test(
-    paths: ProjectPaths, model_dir: Path, out: Path, *, plots_dir: Path | None = None
+def evaluate_on_test(
+    paths: ProjectPaths, model_dir: Path, out: Path, *, plots_dir: Path | None = None, retrieval: bool = False
 ) -> dict[str, Any]:
-    """Any model (ours, the champion, a candidate) measured the same way on the current test split."""
+    """Any model (ours, the champion, a candidate, a benchmark variant) measured the same way on the test split."""
     from mumic_ml.evaluate import evaluate_model
 
     cfg = paths.params.evaluate
@@ -236,13 +236,14 @@ def _evaluate_on_test(
         top_n_classes=cfg.top_n_classes,
         batch_size=cfg.batch_size,
         plots_dir=plots_dir,
+        retrieval=retrieval,
     )
 
 
 def evaluate_step(params: Params, root: Path = Path("."), *, model_dir: Path | None = None) -> dict[str, Any]:
 
     paths = ProjectPaths(root, params)
-    report = _evaluate_on_test(paths, model_dir or paths.model, paths.metrics, plots_dir=paths.reports / "plots")
+    report = evaluate_on_test(paths, model_dir or paths.model, paths.metrics, plots_dir=paths.reports / "plots")
     # The headline numbers alone: what `dvc metrics show/diff` compares (the full report has every class).
     headline = ("gap_at_10", "gap", "map_macro", "map_top_n", "micro_f1", "macro_f1", "num_images", "num_classes")
     atomic_write_json(paths.reports / "summary.json", {key: report[key] for key in headline if key in report})
@@ -430,7 +431,7 @@ def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> Evaluation
     champion_report = None
     champion_dir = _champion_dir(params, root, uri)
     if champion_dir is not None:
-        champion_report = _evaluate_on_test(paths, champion_dir, paths.reports / "champion_metrics.json")
+        champion_report = evaluate_on_test(paths, champion_dir, paths.reports / "champion_metrics.json")
     gate = check_gate(
         report,
         floor=params.gate.min_gap_at_10,
@@ -504,7 +505,7 @@ def promote_step(
 
     def measure(model_uri: str, label: str) -> dict[str, Any]:
         model_dir = registry.resolve_model_uri(model_uri, cache_dir=cache, tracking_uri=uri)
-        return _evaluate_on_test(paths, model_dir, paths.reports / f"{label}_metrics.json")
+        return evaluate_on_test(paths, model_dir, paths.reports / f"{label}_metrics.json")
 
     candidate_uri = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
     candidate = measure(candidate_uri, "candidate")

@@ -14,6 +14,8 @@ def pipeline(tmp_path_factory):
     """demo-data -> ingest -> split -> pretrain -> train -> evaluate through the CLI, as `dvc repro` runs it."""
     root = tmp_path_factory.mktemp("cli")
     fast = ["--set", "train.epochs=1", "--set", "train.batch_size=16"]
+    training_data = ["--splits", str(root / "splits"), "--images-root", str(root / "ingested")]
+    training_data += ["--taxonomy", str(root / "raw" / "taxonomy.yaml")]
     steps = [
         ["demo-data", "--out", str(root / "raw"), "--n-images", "160"],
         [
@@ -40,12 +42,7 @@ def pipeline(tmp_path_factory):
         ],
         [
             "pretrain",
-            "--splits",
-            str(root / "splits"),
-            "--images-root",
-            str(root / "ingested"),
-            "--taxonomy",
-            str(root / "raw" / "taxonomy.yaml"),
+            *training_data,
             "--cache-dir",
             str(root / "cache"),
             "--out",
@@ -57,12 +54,7 @@ def pipeline(tmp_path_factory):
             "train",
             "--set",
             f"paths.foundation={root / 'foundation'}",
-            "--splits",
-            str(root / "splits"),
-            "--images-root",
-            str(root / "ingested"),
-            "--taxonomy",
-            str(root / "raw" / "taxonomy.yaml"),
+            *training_data,
             "--run-dir",
             str(root / "run"),
             "--model-dir",

@@ -122,12 +122,10 @@ def test_class_residual_starts_at_zero_shot_and_moves_only_its_class(backbone):
     assert model.class_residual.requires_grad and plain.class_residual is None
 
 
-def test_model_directory_from_before_the_class_residual_still_loads(tmp_path, backbone):
-    cfg = ModelConfig(class_residual=False)
+def _save(path, classifier, cfg, backbone, thresholds=None, metadata=None):
     taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
-    classifier = build_classifier(cfg, PROMPTS, backbone).eval()
-    model_dir = save_model_dir(
-        tmp_path / "model",
+    return save_model_dir(
+        path,
         classifier=classifier,
         backbone_name="mumic-tiny",
         backbone_config=backbone.model_config,
@@ -136,9 +134,14 @@ def test_model_directory_from_before_the_class_residual_still_loads(tmp_path, ba
         taxonomy=taxonomy,
         class_names=taxonomy.names,
         class_prompts=PROMPTS,
-        thresholds=None,
-        metadata={},
+        thresholds=thresholds,
+        metadata=metadata or {},
     )
+
+
+def test_model_directory_from_before_the_class_residual_still_loads(tmp_path, backbone):
+    cfg = ModelConfig(class_residual=False)
+    model_dir = _save(tmp_path / "model", build_classifier(cfg, PROMPTS, backbone).eval(), cfg, backbone)
     spec = json.loads((model_dir / "model.json").read_text())
     del spec["model"]["class_residual"]
     (model_dir / "model.json").write_text(json.dumps(spec))
@@ -150,30 +153,17 @@ def test_model_directory_round_trip(tmp_path, head):
     torch.manual_seed(0)
     backbone = create_backbone("mumic-tiny", None)
     cfg = ModelConfig(head=head, learn_bias=True, init_bias=-1.5)
-    taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
     classifier = build_classifier(cfg, PROMPTS, backbone).eval()
     if head is Head.MUMIC:
         with torch.no_grad():
             classifier.class_residual.normal_(0, 0.1)
-    save_model_dir(
-        tmp_path / "model",
-        classifier=classifier,
-        backbone_name="mumic-tiny",
-        backbone_config=backbone.model_config,
-        model_cfg=cfg,
-        image_norm=backbone.image_norm,
-        taxonomy=taxonomy,
-        class_names=taxonomy.names,
-        class_prompts=PROMPTS,
-        thresholds=np.array([0.5, np.inf, 0.2]),
-        metadata={"note": "test"},
-    )
+    _save(tmp_path / "model", classifier, cfg, backbone, np.array([0.5, np.inf, 0.2]), {"note": "test"})
     assert not list(tmp_path.glob(".*staging"))
     loaded = load_model_dir(tmp_path / "model")
     images = _images()
     with torch.no_grad():
         assert torch.equal(loaded.classifier(images).logits, classifier(images).logits)
-    assert loaded.class_names == taxonomy.names
+    assert loaded.class_names == ["red circle", "blue square", "striped background"]
     assert loaded.thresholds[1] == np.inf
     assert loaded.metadata == {"note": "test"}
     assert loaded.supports_zero_shot == (head is Head.MUMIC)
