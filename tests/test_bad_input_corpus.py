@@ -13,8 +13,6 @@ import contextlib
 import csv
 import io
 import os
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from image_fixtures import encode, noise, png_with_declared_size  # noqa: E402
 from PIL import Image
 
 from mumic_ml.cli import main
@@ -32,29 +31,6 @@ from mumic_ml.ingest import REASONS
 CLASSES = ["cat", "dog", "sea view", "salt, pepper"]
 INGEST = {"max_side": 128, "min_side": 24, "max_pixels": 1_000_000, "workers": 0}
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def noise(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def encoded(img: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height over a few bytes of data: decoding it would allocate GBs."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def write_params(folder: Path) -> Path:
@@ -169,8 +145,8 @@ def _exif_jpeg(root: Path, outside: Path) -> None:
     stored.save(root / "rotated.jpg", quality=95, exif=exif)
 
 
-_JPEG = encoded(noise(seed=20), "JPEG", quality=90)
-_PNG = encoded(noise(seed=21), "PNG")
+_JPEG = encode(noise(seed=20), "JPEG", quality=90)
+_PNG = encode(noise(seed=21), "PNG")
 _HTML = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
 
 
@@ -233,7 +209,7 @@ BAD = [
         "decompression_bomb_over_pillow_guard",
         "bomb.png",
         "cat",
-        _bytes("bomb.png", bomb_png(100_000, 100_000)),
+        _bytes("bomb.png", png_with_declared_size(100_000, 100_000)),
         "decompression_bomb",
         "declared image size is too large",
     ),
@@ -241,7 +217,7 @@ BAD = [
         "decompression_bomb_over_max_pixels",
         "huge_declared.png",
         "cat",
-        _bytes("huge_declared.png", bomb_png(2_000, 2_000)),
+        _bytes("huge_declared.png", png_with_declared_size(2_000, 2_000)),
         "decompression_bomb",
         "declared size 2000x2000 (4000000 pixels) exceeds the limit of 1000000",
     ),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import pickle
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from image_fixtures import encode, png_with_declared_size  # noqa: E402
+from image_fixtures import noise as random_pixels  # noqa: E402
 from PIL import Image
 
 from mumic_ml import images
@@ -24,28 +24,9 @@ from mumic_ml.images import (
 LIMITS = {"max_pixels": 50_000_000, "min_side": 16}
 
 
-def encode(img: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def noise(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
     """Incompressible pixels, so that cutting the file really removes image data."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_with_declared_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims a huge image: the shape of a decompression bomb without the payload."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
+    return random_pixels(width, height, seed)
 
 
 def rejection(source, **limits) -> ImageRejected:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
-import struct
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from image_fixtures import encode, noise, png_with_declared_size  # noqa: E402
 from PIL import Image
 
 from mumic_ml import images
@@ -23,27 +21,6 @@ from mumic_ml.manifest import ManifestError
 from mumic_ml.taxonomy import Taxonomy
 
 TAXONOMY = Taxonomy.from_names(["Cat", "dog", "sea view"])
-
-
-def noise(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def encode(img: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def bomb_png(side: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def write_csv(path, rows, header=("path", "labels", "caption")):
@@ -79,7 +56,7 @@ def images_root(tmp_path):
     (root / "trunc.png").write_bytes(png[: len(png) // 2])
     (root / "text.jpg").write_text("hello, not an image\n")
     (root / "page.png").write_text("<html><body>Not found</body></html>")
-    (root / "bomb.png").write_bytes(bomb_png(100_000))
+    (root / "bomb.png").write_bytes(png_with_declared_size(100_000, 100_000))
     Image.new("RGB", (1, 1)).save(root / "tiny.png")
     Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(root / "cmyk.jpg")
     Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(root / "grey16.png")
