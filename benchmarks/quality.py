@@ -121,7 +121,8 @@ def _scores(report: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def run_zero_shot(params: Params, root: Path, weights: str, out: Path) -> dict[str, Any]:
+def run_zero_shot(params: Params, root: Path, weights: str) -> dict[str, Any]:
+    """The foundation with an untrained MuMIC head: the zero-shot row, and retrieval before fine-tuning."""
     paths = steps.ProjectPaths(root, params)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(path, result)
             return result
 
-        zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(params, root, foundation.weights, root / "zs"))
+        zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(params, root, foundation.weights))
         runs = []
         for noise in budget.noise:
             for seed in budget.seeds:

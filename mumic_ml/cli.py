@@ -364,6 +364,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_data_args(p: argparse.ArgumentParser) -> None:
+    """Where pretraining and fine-tuning read their data: the same four flags for both."""
+    p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
+    p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
+    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
+    p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mumic", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -409,10 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("pretrain", parents=[common], help="contrastive image-caption pretraining of the backbone")
-    p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
-    p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
-    p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
-    p.add_argument("--taxonomy", help="taxonomy YAML, for the zero-shot report (default: paths.taxonomy)")
+    _add_training_data_args(p)
     p.add_argument("--out", help="folder for <backbone>.safetensors and its records (default: paths.foundation)")
     p.add_argument("--force", action="store_true", help="pretrain even if the checkpoint matches config and data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -425,12 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("train", parents=[common], help="fine-tune MuMIC (or a baseline) and export the best model")
-    p.add_argument("--splits", help="folder with train.parquet and val.parquet (default: paths.splits)")
-    p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
-    p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
+    _add_training_data_args(p)
     p.add_argument("--run-dir", help="checkpoints and history (default: paths.run)")
     p.add_argument("--model-dir", help="exported model (default: paths.model)")
-    p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -149,6 +149,24 @@ def _pretrain_record_matches(meta_path: Path, params: Params, fingerprint: str) 
     )
 
 
+def _zero_shot_on_test(params: Params, paths: ProjectPaths, weights: str) -> dict[str, Any]:
+    """The untrained MuMIC head on `weights`, scored on the test split like any trained model."""
+    from mumic_ml.pretrain import export_zero_shot
+
+    with tempfile.TemporaryDirectory(prefix="mumic-zero-shot-") as tmp:
+        model_dir = export_zero_shot(
+            params.updated({"model.head": "mumic"}),
+            taxonomy_path=paths.taxonomy,
+            backbone_weights=weights,
+            model_dir=Path(tmp) / "model",
+        )
+        report = evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json")
+    zero_shot = {key: report[key] for key in ("gap_at_10", "gap", "map_macro", "num_images") if key in report}
+    if "map_held_out" in report.get("zero_shot", {}):
+        zero_shot["held_out"] = report["zero_shot"]
+    return zero_shot
+
+
 def foundation_step(
     params: Params, root: Path = Path("."), *, force: bool = False, progress: bool = True
 ) -> FoundationOutcome:
@@ -161,7 +179,7 @@ def foundation_step(
     """
     from mumic_ml.backbone import create_backbone
     from mumic_ml.data import read_split
-    from mumic_ml.pretrain import export_zero_shot, pretrain
+    from mumic_ml.pretrain import pretrain
     from mumic_ml.train import data_fingerprint
 
     paths = ProjectPaths(root, params)
@@ -191,20 +209,22 @@ def foundation_step(
         create_backbone(params.model.backbone, weights, device="cpu")
         source = "resolved" if weights else "random init"
 
-    zero_shot = None
-    if weights is not None:
-        with tempfile.TemporaryDirectory(prefix="mumic-zero-shot-") as tmp:
-            model_dir = export_zero_shot(
-                params.updated({"model.head": "mumic"}),
-                taxonomy_path=paths.taxonomy,
-                backbone_weights=weights,
-                model_dir=Path(tmp) / "model",
-            )
-            report = evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json")
-        zero_shot = {key: report[key] for key in ("gap_at_10", "gap", "map_macro", "num_images") if key in report}
-        if "map_held_out" in report.get("zero_shot", {}):
-            zero_shot["held_out"] = report["zero_shot"]
     report_path = paths.foundation / "foundation.json"
+    zero_shot, zero_shot_inputs = None, None
+    if weights is not None:
+        zero_shot_inputs = {
+            "weights": md5_file(Path(weights)) if Path(weights).is_file() else weights,
+            "model": params.model.model_dump(mode="json"),
+            "held_out_classes": params.train.held_out_classes,
+            "evaluate": params.evaluate.model_dump(mode="json"),
+            "test_split": md5_file(paths.split("test")),
+            "taxonomy": md5_file(paths.taxonomy),
+        }
+        previous = read_json(report_path) if report_path.is_file() else {}
+        if previous.get("zero_shot_inputs") == zero_shot_inputs:  # a retrain on unchanged data: nothing to measure
+            zero_shot = previous["zero_shot_test"]
+        else:
+            zero_shot = _zero_shot_on_test(params, paths, weights)
     atomic_write_json(
         report_path,
         {
@@ -214,6 +234,7 @@ def foundation_step(
             "source": source,
             "pretrain": record,
             "zero_shot_test": zero_shot,
+            "zero_shot_inputs": zero_shot_inputs,
         },
     )
     return FoundationOutcome(source, weights, zero_shot, record, report_path)

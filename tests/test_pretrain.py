@@ -180,11 +180,18 @@ def test_foundation_step_pretrains_once_then_reuses_until_config_or_data_change(
     assert report["source"] == "pretrained" and report["pretrained"] == DEMO_FOUNDATION
     assert report["zero_shot_test"]["gap_at_10"] == first.zero_shot["gap_at_10"]
 
-    pretrain_calls = []
+    pretrain_calls, exports = [], []
     monkeypatch.setattr("mumic_ml.pretrain.pretrain", lambda *a, **k: pretrain_calls.append(k) or pretrain(*a, **k))
+    monkeypatch.setattr(
+        "mumic_ml.pretrain.export_zero_shot", lambda *a, **k: exports.append(k) or export_zero_shot(*a, **k)
+    )
     written = checkpoint.read_bytes()
-    assert foundation_step(params, progress=False).source == "cached" and not pretrain_calls
+    cached = foundation_step(params, progress=False)
+    assert cached.source == "cached" and not pretrain_calls
+    assert cached.zero_shot == first.zero_shot and not exports  # same weights, data and config: not measured again
     assert checkpoint.read_bytes() == written
+    assert foundation_step(params.updated({"train.held_out_classes": []}), progress=False).source == "cached"
+    assert len(exports) == 1
     assert foundation_step(params, force=True, progress=False).source == "pretrained"
     assert foundation_step(params.updated({"pretrain.seed": 1}), progress=False).source == "pretrained"
     assert checkpoint.read_bytes() != written

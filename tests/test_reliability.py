@@ -685,26 +685,16 @@ def test_a_malicious_pretrained_file_in_params_fails_the_train_command(tiny_worl
     evil = _plant(tmp_path / "evil.pt", marker)
     monkeypatch.chdir(tmp_path)
     paths = _train_paths(tiny_world, tmp_path)
-    code = cli.main(
-        [
-            "train",
-            "--no-progress",
-            "--splits",
-            str(paths["splits_dir"]),
-            "--images-root",
-            str(paths["images_root"]),
-            "--taxonomy",
-            str(paths["taxonomy_path"]),
-            "--cache-dir",
-            str(paths["cache_dir"]),
-            "--run-dir",
-            str(paths["run_dir"]),
-            "--model-dir",
-            str(paths["model_dir"]),
-            "--set",
-            f"model.pretrained={evil}",
-        ]
-    )
+    flags = {
+        "--splits": "splits_dir",
+        "--images-root": "images_root",
+        "--taxonomy": "taxonomy_path",
+        "--cache-dir": "cache_dir",
+        "--run-dir": "run_dir",
+        "--model-dir": "model_dir",
+    }
+    where = [arg for flag, key in flags.items() for arg in (flag, str(paths[key]))]
+    code = cli.main(["train", "--no-progress", *where, "--set", f"model.pretrained={evil}"])
     assert code == 2
     assert "never unpickled" in capsys.readouterr().err
     assert not marker.exists() and not paths["model_dir"].exists()
