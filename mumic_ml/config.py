@@ -81,7 +81,7 @@ class ModelConfig(_Section):
     )
     head: Head = Head.MUMIC
     init_temperature: float | None = Field(
-        0.07, gt=0, description="Initial T of sigmoid(s / T + b); null takes it from the backbone's logit scale."
+        0.2, gt=0, description="Initial T of sigmoid(s / T + b); null takes it from the backbone's logit scale."
     )
     learn_temperature: bool = True
     max_inverse_temperature: float = Field(100.0, gt=1, description="Clamp on 1/T, as CLIP clamps its logit scale.")
@@ -92,7 +92,11 @@ class ModelConfig(_Section):
         description="Learn a vector per class added to its text embedding, starting at zero (so training starts "
         "from zero-shot); classes named only at predict time use their text embedding alone.",
     )
-    freeze_text: bool = False
+    freeze_text: bool = Field(
+        True,
+        description="Keep the text tower as pretrained; the class residual adapts the trained classes "
+        "(docs/results.md: tuning it learned the label noise).",
+    )
     freeze_image: bool = False
 
 

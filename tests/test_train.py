@@ -59,7 +59,7 @@ def test_parameter_groups_separate_towers_and_skip_decay_on_1d(tiny_world):
     from mumic_ml.backbone import create_backbone
     from mumic_ml.model_io import build_classifier
 
-    params = _params()
+    params = _params(**{"model.freeze_text": False})
     backbone = create_backbone("mumic-tiny", None)
     model = build_classifier(params.model, [["a"], ["b"]], backbone)
     groups = {g["name"]: g for g in parameter_groups(model, params)}
@@ -72,6 +72,18 @@ def test_parameter_groups_separate_towers_and_skip_decay_on_1d(tiny_world):
     assert groups["image_no_decay"]["weight_decay"] == 0.0 and groups["image_decay"]["weight_decay"] == 0.05
     assert all(p.ndim < 2 for g in groups.values() if "no_decay" in g["name"] for p in g["params"])
     assert groups["text_decay"]["peak_lr"] == params.train.lr_text
+
+
+def test_the_default_frozen_text_tower_has_no_parameter_group(tiny_world):
+    from mumic_ml.backbone import create_backbone
+    from mumic_ml.model_io import build_classifier
+
+    params = _params()
+    assert params.model.freeze_text
+    backbone = create_backbone("mumic-tiny", None)
+    model = build_classifier(params.model, [["a"], ["b"]], backbone)
+    names = {g["name"] for g in parameter_groups(model, params)}
+    assert names == {"image_decay", "image_no_decay", "head_decay", "head_no_decay"}
 
 
 def _evaluate(world, tmp_path):
