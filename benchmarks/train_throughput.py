@@ -172,7 +172,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    params = Params().updated({"model.backbone": args.model, "train.precision": args.precision})
+    # The work the bare loop does, whatever params.yaml's defaults: both towers tuned, the paper's loss, no residual.
+    params = Params().updated(
+        {
+            "model.backbone": args.model,
+            "model.freeze_text": False,
+            "model.class_residual": False,
+            "train.loss": "tempered_sigmoid_bce",
+            "train.precision": args.precision,
+        }
+    )
     prompts = [class_prompts(f"class number {i}", TEMPLATES) for i in range(args.classes)]
 
     project_train, project_predict, size, classifier = build_project(args, params, prompts, device)
