@@ -129,7 +129,7 @@ class MumicClassifier(nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn_bias)
         self.max_log_inv_temperature = math.log(max_inverse_temperature)
         # W = text embedding + a free residual per class: each class can move (and scale) away from its prompt as
-        # fast as a linear head, while the text tower keeps learning the names (docs/results.md).
+        # fast as a linear head, while the text tower, frozen or tuned, still scores new names (docs/results.md).
         self.class_residual = nn.Parameter(torch.zeros(self.num_classes, _embed_dim(clip))) if class_residual else None
         self.freeze_text = freeze_text
         if freeze_text:

@@ -44,7 +44,7 @@ from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, labe
 from mumic_ml.demo_world import corrupt_labels
 from mumic_ml.evaluate import compute_scores
 from mumic_ml.images import PreprocessCache
-from mumic_ml.io import atomic_path, atomic_write_json
+from mumic_ml.io import atomic_path, atomic_write_json, sha256_file
 from mumic_ml.metrics import gap_at_k, mean_average_precision, tune_thresholds
 from mumic_ml.model_io import build_classifier, save_model_dir
 from mumic_ml.task import MumicTask, create_loss, total_loss
@@ -239,11 +239,7 @@ def _weights_digest(pretrained: str | None) -> str | None:
     """A checkpoint file's content hash: a foundation re-pretrained in place must not resume an older run."""
     if pretrained is None or not Path(pretrained).is_file():
         return pretrained
-    digest = hashlib.sha256()
-    with open(pretrained, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(pretrained)
 
 
 def data_fingerprint(frames: dict[str, Any]) -> str:
