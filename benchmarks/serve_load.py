@@ -102,10 +102,11 @@ def build_champion(workdir: Path, n_images: int) -> tuple[str, str, list[Path]]:
     ) as run_id:
         pass
     logged_uri = log_model(run_id, model_dir, tracking_uri=tracking_uri)
-    register_model(
+    registered = register_model(
         run_id, logged_uri, tags={"purpose": "serve_load benchmark"}, gate_passed=True, tracking_uri=tracking_uri
     )
-    promote(MODEL_NAME, force=True, tracking_uri=tracking_uri)  # forced: a reused --workdir may hold a champion
+    # A reused --workdir may hold a champion: this benchmark serves whatever it just registered.
+    promote(MODEL_NAME, version=registered.version, reason="serve_load benchmark", tracking_uri=tracking_uri)
     return f"models:/{MODEL_NAME}@{CHAMPION}", tracking_uri, sorted(world.images_dir.glob("*.png"))
 
 

@@ -86,7 +86,10 @@ def validated_labels(project: ProjectResource) -> dg.MaterializeResult:
     check_specs=[dg.AssetCheckSpec(name, asset="dataset_splits", blocking=True) for name in SPLIT_EXPECTATION_NAMES],
 )
 def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
-    """Iteratively stratified train/val/test split; the files are DVC outputs and their md5 is the data version."""
+    """Iteratively stratified train/val/test split; the files are DVC outputs and their md5 is the data version.
+
+    An image keeps its split for life: new images are dealt among themselves, so the test split never holds an
+    image that the champion trained on (`mumic split --reassign` deals everything afresh)."""
     params, root = project.params(), project.root_path
     report = steps.split_step(params, root)
     leakage = steps.validate_splits_step(params, root)
@@ -97,6 +100,8 @@ def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
             **{f"{split}_images": info["n_images"] for split, info in report["splits"].items()},
+            "images_kept_in_their_split": report["assignment"]["kept"],
+            "new_images_dealt": dg.MetadataValue.json(report["assignment"]["new_per_split"]),
             "md5 (as in dvc.lock)": dg.MetadataValue.json(report["md5"]),
             "dvc_lock_matches": dg.MetadataValue.json(steps.dvc_lock_matches(project.paths(), report["md5"])),
             "positives_per_class": _table(per_class, ["class", *report["splits"]]),
@@ -126,6 +131,7 @@ def foundation_model(
     context.log.info("foundation %s: %s", outcome.source, outcome.weights or "random initialisation")
     metadata: dict = {
         "source": outcome.source,
+        "decision": outcome.decision,
         "weights": outcome.weights or "random initialisation",
         "report": dg.MetadataValue.path(str(outcome.report_path)),
     }

@@ -11,9 +11,15 @@ Layout of the incoming folder::
 `ingest_batches` ingests each new batch into `out/batches/<batch_id>/` with `mumic_ml.ingest.ingest` (same checks,
 same rejection reasons), remembers it in `out/batches.json` by the hash of its manifest, and rebuilds the combined
 `out/manifest.parquet` and `out/rejected.csv` over every batch so far. A batch whose manifest is unchanged is never
-ingested twice; a batch whose manifest changed is re-ingested and replaces its earlier version. An image already
-accepted from an earlier batch is rejected as `duplicate_image` in the combined table, so retraining sees each
-picture once. Paths in the combined manifest are relative to `out/` (`batches/<id>/images/<sha256>.png`).
+ingested twice; a batch whose manifest changed is re-ingested and replaces its earlier version.
+
+Arrival order wins, whatever the folder names: the ledger numbers each batch (`arrival`) when it is first ingested
+(batches new in the same run in name order), a re-ingested batch keeps its number, and the combined table walks
+the batches by that number. A picture already accepted from a batch that arrived earlier is rejected as
+`duplicate_image` with the batch, row and source of the rejected row and, in `detail`, of the copy kept; so a later
+drop never takes images away from a collection a model was already trained on, and retraining sees each picture
+once. Paths in the combined manifest are relative to `out/` (`batches/<id>/images/<sha256>.png`); its `batch` and
+`row` columns say which manifest row each image came from.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class BatchIngestResult:
 
 
 def discover_batches(incoming: str | Path) -> list[Batch]:
-    """Ready batches (sub-folders with a manifest), sorted by id so older-named batches win duplicates."""
+    """Ready batches (sub-folders with a manifest), sorted by id: the order in which new ones are numbered."""
     incoming = Path(incoming)
     if not incoming.is_dir():
         raise ManifestError(f"incoming folder not found: {incoming}")
@@ -93,6 +99,8 @@ def ingest_batches(
         raise ManifestError(f"no batch with a manifest ({', '.join(MANIFEST_NAMES)}) in {incoming}")
     ledger_path = out / LEDGER
     ledger: dict[str, dict] = read_json(ledger_path) if ledger_path.is_file() else {}
+    if _number_unnumbered(ledger):
+        atomic_write_json(ledger_path, ledger)
     result = BatchIngestResult(out / "manifest.parquet", out / "rejected.csv")
     for batch in batches:
         batch_out = out / "batches" / batch.batch_id
@@ -117,12 +125,14 @@ def ingest_batches(
             "n_accepted": outcome.n_accepted,
             "n_rejected": outcome.n_rejected,
             "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "arrival": known["arrival"] if known else _next_arrival(ledger),
         }
         # The ledger is written after each batch, so a killed run redoes at most the batch it was in.
         atomic_write_json(ledger_path, ledger)
         result.ingested.append(batch.batch_id)
-    _combine(out, [b.batch_id for b in batches], result)
-    result.per_batch = {b.batch_id: ledger[b.batch_id] for b in batches}
+    in_arrival_order = sorted((b.batch_id for b in batches), key=lambda batch_id: ledger[batch_id]["arrival"])
+    _combine(out, in_arrival_order, result)
+    result.per_batch = {batch_id: ledger[batch_id] for batch_id in in_arrival_order}
     log.info(
         "batches: %d ingested, %d unchanged; %d images, %d rejected rows",
         len(result.ingested),
@@ -133,28 +143,49 @@ def ingest_batches(
     return result
 
 
+def _next_arrival(ledger: dict[str, dict]) -> int:
+    return 1 + max((entry["arrival"] for entry in ledger.values() if "arrival" in entry), default=0)
+
+
+def _number_unnumbered(ledger: dict[str, dict]) -> bool:
+    """Number entries from ledgers written before arrival was recorded, by when they were ingested, then by name.
+
+    Returns whether any entry was numbered, so the caller writes the numbers back.
+    """
+    unnumbered = sorted(
+        (batch_id for batch_id, entry in ledger.items() if "arrival" not in entry),
+        key=lambda batch_id: (ledger[batch_id].get("ingested_at", ""), batch_id),
+    )
+    for batch_id in unnumbered:
+        ledger[batch_id]["arrival"] = _next_arrival(ledger)
+    return bool(unnumbered)
+
+
 def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None:
-    """Union of the batch manifests; an image seen in an earlier batch is rejected as a duplicate."""
+    """Union of the batch manifests in the order given; a picture seen in an earlier one is a duplicate."""
     accepted, rejected = [], []
-    seen: dict[str, str] = {}
+    kept_copy: dict[str, str] = {}
     for batch_id in batch_ids:
         folder = out / "batches" / batch_id
         frame = pd.read_parquet(folder / "manifest.parquet")
         frame.insert(0, "batch", batch_id)
         frame["path"] = [f"batches/{batch_id}/{p}" for p in frame["path"]]
-        duplicate = frame["sha256"].map(lambda sha: sha in seen)
-        for _, row in frame[duplicate].iterrows():
+        # Batches ingested before rows were recorded have no row column: their rows stay unnamed, not guessed.
+        frame["row"] = frame["row"].astype("Int64") if "row" in frame else pd.Series(pd.NA, frame.index, "Int64")
+        duplicate = frame["sha256"].isin(kept_copy.keys())
+        for sha, row, source in frame.loc[duplicate, ["sha256", "row", "source"]].itertuples(index=False):
             rejected.append(
                 {
                     "batch": batch_id,
-                    "row": None,
-                    "source": row["source"],
+                    "row": None if pd.isna(row) else int(row),
+                    "source": source,
                     "reason": "duplicate_image",
-                    "detail": f"same image as {seen[row['sha256']]} (accepted from an earlier batch)",
+                    "detail": f"same picture as {kept_copy[sha]}, accepted from a batch that arrived earlier",
                 }
             )
         kept = frame[~duplicate]
-        seen.update({sha: f"{batch_id}/{src}" for sha, src in zip(kept["sha256"], kept["source"])})
+        for sha, row, source in kept[["sha256", "row", "source"]].itertuples(index=False):
+            kept_copy[sha] = _where(batch_id, row, source)
         accepted.append(kept)
         batch_rejected = pd.read_csv(folder / "rejected.csv", dtype=str, keep_default_na=False)
         batch_rejected.insert(0, "batch", batch_id)
@@ -168,3 +199,9 @@ def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None
     result.n_images = len(manifest)
     result.n_rejected = len(rejected_frame)
     result.rejected_by_reason = dict(Counter(rejected_frame["reason"]).most_common())
+
+
+def _where(batch_id: str, row: object, source: str) -> str:
+    """How a duplicate's detail names the copy that was kept, so a reader can find it in its batch."""
+    place = f"batch {batch_id!r}" if pd.isna(row) else f"row {row} of batch {batch_id!r}"
+    return f"{source!r} ({place})"

@@ -48,11 +48,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     params = _params(args)
     out = Path(args.out or params.paths.demo)
+    if args.keep_existing and (out / "world.json").is_file():
+        print(f"demo world: kept the one already in {out}")
+        return 0
     world = generate_demo_world(
         out,
         n_images=args.n_images or params.demo.n_images,
         image_size=args.image_size or params.demo.image_size,
         seed=params.demo.seed if args.seed is None else args.seed,
+        first_index=args.first_index,
     )
     print(f"demo world: {world.n_images} images, {len(world.class_names)} classes -> {out}")
     print(f"  manifest: {world.manifest_path}\n  taxonomy: {world.taxonomy_path}")
@@ -121,9 +125,13 @@ def cmd_split(args: argparse.Namespace) -> int:
     params = _with_paths(
         _params(args), {"paths.splits": args.out, "paths.taxonomy": args.taxonomy, "paths.ingested": args.ingested}
     )
-    report = split_step(params)
+    report = split_step(params, reassign=args.reassign)
     sizes = {name: info["n_images"] for name, info in report["splits"].items()}
     print(f"split: {sizes} -> {params.paths.splits}")
+    assignment = report["assignment"]
+    dealt = assignment["new_per_split"]
+    print(f"  {assignment['kept']} images kept their split, {assignment['new']} new dealt {dealt}", end="")
+    print(f", {assignment['dropped']} no longer in the manifest" if assignment["dropped"] else "")
     leakage = validate_splits_step(params)
     if not leakage.success:
         for outcome in leakage.outcomes:
@@ -147,6 +155,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         },
     )
     outcome = foundation_step(params, force=args.force, progress=not args.no_progress)
+    print(f"pretrain: {outcome.decision}")
     if outcome.pretrain is not None:
         record = outcome.pretrain
         print(
@@ -251,6 +260,8 @@ def _evaluate_with_gate(params: Params) -> int:
     gate = outcome.gate
     if gate.champion_gap_at_10 is not None:
         print(f"  champion on the same split: GAP@10 {gate.champion_gap_at_10:.4f}")
+    for note in gate.notes:
+        print(f"  note: {note}")
     if not gate.passed:
         print(f"gate: FAILED: {'; '.join(gate.reasons)} ({outcome.gate_path})", file=sys.stderr)
         return 1
@@ -391,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--first-index",
+        type=int,
+        default=0,
+        help="start at this image of the sequence: with --out data/incoming/<name>, a batch of new photos",
+    )
+    p.add_argument("--keep-existing", action="store_true", help="leave a demo world already in --out as it is")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser(
@@ -414,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingested", help="folder with the ingested manifest.parquet (default: paths.ingested)")
     p.add_argument("--out", help="output folder (default: paths.splits)")
     p.add_argument("--taxonomy", help="taxonomy YAML, fixes the class order (default: paths.taxonomy)")
+    p.add_argument(
+        "--reassign",
+        action="store_true",
+        help="deal every image afresh instead of keeping earlier images in their split (earlier models can then "
+        "no longer be compared on the test split)",
+    )
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("pretrain", parents=[common], help="contrastive image-caption pretraining of the backbone")

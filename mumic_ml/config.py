@@ -171,9 +171,20 @@ class ContrastiveLoss(enum.StrEnum):
     SIGLIP = "siglip"  # sigmoid loss on every image-caption pair, with a learned bias (open_clip.SigLipLoss)
 
 
+class FoundationRefresh(enum.StrEnum):
+    """When the foundation step pretrains again instead of reusing the checkpoint it already has."""
+
+    CONFIG = "config"  # only when model.backbone or the pretrain recipe changed: new batches reuse the foundation
+    DATA = "data"  # also when the train split changed (every new batch pretrains from scratch)
+    ALWAYS = "always"  # on every run
+
+
 class PretrainConfig(_Section):
     """Contrastive image-caption pretraining of `model.backbone`: the demo world's stand-in for CLIP weights."""
 
+    refresh: FoundationRefresh = Field(
+        FoundationRefresh.CONFIG, description="When to pretrain again rather than reuse the existing foundation."
+    )
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=2, description="Images per step; the other captions of the batch are the negatives.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -188,6 +199,10 @@ class PretrainConfig(_Section):
     hflip: bool = Field(True, description="Captions never say left or right, so mirrored images keep them true.")
 
     _device = field_validator("device")(TrainConfig._device.__func__)
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that shape the weights; `refresh` only says when to apply them."""
+        return self.model_dump(mode="json", exclude={"refresh"})
 
 
 class EvaluateConfig(_Section):

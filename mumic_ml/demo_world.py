@@ -362,10 +362,18 @@ def _prepare_target(root: Path) -> None:
     raise FileExistsError(f"{root} exists and is not a demo world; choose an empty or new folder")
 
 
-def generate_demo_world(out_dir: str | Path, *, n_images: int = 2000, image_size: int = 64, seed: int = 0) -> DemoWorld:
-    """Write a complete demo world to `out_dir`, replacing a previous one only once the new one is whole."""
+def generate_demo_world(
+    out_dir: str | Path, *, n_images: int = 2000, image_size: int = 64, seed: int = 0, first_index: int = 0
+) -> DemoWorld:
+    """Write a complete demo world to `out_dir`, replacing a previous one only once the new one is whole.
+
+    `first_index` starts the world further along the same sequence of images: a world of images 3000..3499 is a
+    later batch of new photos for a project whose first batch was images 0..2999.
+    """
     if not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    if not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"first_index must be a non-negative integer, got {first_index!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     _check_image_size(image_size)
@@ -377,7 +385,7 @@ def generate_demo_world(out_dir: str | Path, *, n_images: int = 2000, image_size
         staging.chmod(0o755)  # the staging folder is created private; the world is ordinary shared data
         images_dir = staging / "images"
         images_dir.mkdir()
-        for index in range(n_images):
+        for index in range(first_index, first_index + n_images):
             scene = scene_for(seed, index, image_size)
             labels = labels_for(scene)
             label_counts.update(labels)
@@ -393,6 +401,7 @@ def generate_demo_world(out_dir: str | Path, *, n_images: int = 2000, image_size
                 "generator_version": GENERATOR_VERSION,
                 "seed": seed,
                 "n_images": n_images,
+                "first_index": first_index,
                 "image_size": image_size,
                 "classes": list(CLASS_NAMES),
                 "held_out_classes": list(HELD_OUT_CLASSES),

@@ -12,6 +12,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -92,7 +93,7 @@ def _decode_stream(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("decompression_bomb", f"declared image size is too large: {exc}") from exc
         except UnidentifiedImageError as exc:
-            raise _unidentified(head) from exc
+            raise _unidentified(head, n_bytes) from exc
         except Exception as exc:
             raise _decode_failure(None, exc) from exc
         with im:
@@ -119,22 +120,42 @@ def _decode_stream(
                 raise _decode_failure(im.format, exc) from exc
 
 
-def _unidentified(head: bytes) -> ImageRejected:
+def _unidentified(head: bytes, n_bytes: int) -> ImageRejected:
+    """Names the kind of file, never its bytes: the message may reach a client that must not read server files."""
     for magic, fmt in _MAGIC.items():
         if head.startswith(magic):
             return ImageRejected("decode_error", f"starts like a {fmt} file but its header is corrupt or truncated")
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return ImageRejected("decode_error", "starts like a WEBP file but its header is corrupt or truncated")
-    preview = head[:8].decode("ascii", errors="replace")
     return ImageRejected(
         "not_an_image",
-        f"not a recognised image format (accepted: {', '.join(ACCEPTED_FORMATS)}); file starts with {preview!r}",
+        f"not a recognised image format (accepted: {', '.join(ACCEPTED_FORMATS)}); "
+        f"the file ({n_bytes} bytes) looks like {_file_kind(head)}",
     )
+
+
+def _file_kind(head: bytes) -> str:
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut off by the 16-byte window is still text
+        text = head[: exc.start].decode("utf-8") if exc.reason == "unexpected end of data" else None
+    if text is not None and all(ch.isprintable() or ch.isspace() for ch in text):
+        return "text"
+    return "binary data of an unknown format"
+
+
+# Quoted values in a decoder's message (Pillow quotes chunk names and headers, as `b'...'`) are file content.
+_QUOTED = re.compile(r"""(?<!\w)b?(['"])(?:\\.|(?!\1).)*\1""", re.DOTALL)
 
 
 def _decode_failure(fmt: str | None, exc: Exception) -> ImageRejected:
     label = f" ({fmt})" if fmt else ""
-    message = str(exc) or type(exc).__name__
+    if isinstance(exc, UnicodeError):  # its message quotes the offending bytes
+        message = type(exc).__name__
+    else:
+        message = _QUOTED.sub("<file data>", str(exc)) or type(exc).__name__
     if isinstance(exc, OSError) and "truncated" in message.lower():
         return ImageRejected("truncated", f"truncated image data{label}: {message}")
     return ImageRejected("decode_error", f"cannot decode image{label}: {message}")

@@ -9,7 +9,8 @@ Output layout, all under OUT:
 - `manifest.parquet`: one row per accepted image: `image_id` (first 16 hex digits of `sha256`), `source` (the
   manifest's path as given), `path` (the stored image, POSIX and RELATIVE TO OUT, e.g. `images/ab12...png`),
   `sha256` (of the normalised pixels, see images.sha256_of_image), `labels` (list<string>), `width`, `height`,
-  then the manifest's extra columns. Written last: it is the commit point.
+  `row` (the manifest row it came from, numbered as in `rejected.csv`), then the manifest's extra columns. Written
+  last: it is the commit point.
 
 Every output file is written to a temporary name and renamed, so a killed run leaves the previous complete output
 readable; `rejected.csv` is replaced just before `manifest.parquet`.
@@ -72,7 +73,7 @@ REASONS = {
     "duplicate_image": "an earlier accepted row has the same picture (same content hash)",
 }
 
-_OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", "labels", "width", "height")
+_OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", "labels", "width", "height", "row")
 # The columns every accepted row has; downstream readers and tests build manifests against this schema.
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -85,6 +86,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
+# Written after the schema's columns, not part of it: provenance that manifests built by hand need not carry.
+_ROW_FIELD = pa.field("row", pa.int64())
 _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 _STORED_IMAGE = re.compile(r"(\.)?[0-9a-f]{64}\.png(\..*\.tmp)?")
 
@@ -333,7 +336,8 @@ def _write_manifest(rows: list[_Row], extra_columns: list[str], target: Path) ->
         "height": [r.height for r in rows],
     }
     arrays = [pa.array(data[f.name], type=f.type) for f in MANIFEST_SCHEMA]
-    fields = list(MANIFEST_SCHEMA)
+    arrays.append(pa.array([r.row for r in rows], type=_ROW_FIELD.type))
+    fields = [*MANIFEST_SCHEMA, _ROW_FIELD]
     for name in extra_columns:
         values = [r.extras[name] for r in rows]
         array = _extra_array(values)

@@ -1,12 +1,15 @@
 """Build classifiers from the config, and save/load them as self-contained model directories.
 
 A model directory holds `model.json` (architecture, classes and their prompts, preprocessing, thresholds,
-training metadata), `model.safetensors` (all weights) and `architecture/<name>.json` (the open_clip model config,
-so a directory trained on a project architecture loads anywhere). Nothing in it is a pickle.
+training metadata), `model.safetensors` (all weights), `architecture/<name>.json` (the open_clip model config,
+so a directory trained on a project architecture loads anywhere) and `seen_images.txt` (the sha256 of every image
+the model trained or chose its epoch on, so the evaluation gate can prove a test split holds none of them).
+Nothing in it is a pickle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from mumic_ml.taxonomy import Taxonomy, save_taxonomy
 
 MODEL_FORMAT = "mumic-model"
 MODEL_FORMAT_VERSION = 1
+SEEN_IMAGES_FILE = "seen_images.txt"
 
 
 class ModelDirError(RuntimeError):
@@ -81,10 +85,17 @@ def save_model_dir(
     class_prompts: list[list[str]],
     thresholds: np.ndarray | None,
     metadata: dict[str, Any],
+    seen_images: Iterable[str] | None = None,
 ) -> Path:
-    """Write the directory under a temporary name and swap it in whole: readers never see half a model."""
+    """Write the directory under a temporary name and swap it in whole: readers never see half a model.
+
+    `seen_images` (sha256 hashes) is written to `seen_images.txt`; None writes no record (the model's training
+    data is unknown, as for foundation weights scored zero-shot).
+    """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
+        if seen_images is not None:
+            (staging / SEEN_IMAGES_FILE).write_text("".join(f"{sha}\n" for sha in sorted(set(seen_images))))
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
             staging / "model.safetensors",
@@ -112,6 +123,14 @@ def save_model_dir(
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
+
+
+def read_seen_images(model_dir: str | Path) -> frozenset[str] | None:
+    """The images a model directory records it trained on; None when it keeps no record."""
+    path = Path(model_dir) / SEEN_IMAGES_FILE
+    if not path.is_file():
+        return None
+    return frozenset(line for line in path.read_text(encoding="ascii").splitlines() if line)
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -291,10 +291,12 @@ def pretrain(
             "out_path": str(out_path),
             "meta_path": str(meta_path),
             "backbone": params.model.backbone,
-            "pretrain": cfg.model_dump(mode="json"),
+            "pretrain": cfg.recipe(),
             "precision": precision_used,
             "device": str(device),
             "train_images": len(sets["train"]),
+            # What fine-tuning from these weights has already seen: the gate keeps such images out of any test.
+            "seen_images": sorted(frames["train"]["sha256"]),
             "captions_from": "caption column" if "caption" in frames["train"].columns else "labels",
         },
     )

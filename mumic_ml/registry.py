@@ -11,7 +11,7 @@ The logged model
     `requirements.txt` pins the runtime dependencies of the `mumic` distribution and mlflow as logged.
 
 Input: a DataFrame with an `image` column; each cell is
-    - a path (`str`) to an image file readable by the process that runs the model (on a server: a server path),
+    - a path (`str`) to an image file readable by the process that runs the model (see "Paths" below),
     - raw encoded image bytes (`bytes`), from Python,
     - `{"b64": "<base64 of the encoded image>"}`, the JSON form of raw bytes (the TensorFlow Serving convention)
       for REST clients, since JSON has no bytes type.
@@ -23,20 +23,32 @@ Params (all optional): `top_k` (long, default 5), `threshold` (double, default n
 Output: a DataFrame with `labels` (best first), `scores` (sigmoid probabilities, same order) and `error`
     (None, or why the image could not be read).
 
-Serving (checked by hand with mlflow 3.17.2):
-    MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/mumic@champion --env-manager local \
-        -h 127.0.0.1 -p 5001
+Paths: safe by default when served, the caller's own files when in-process.
+    Served by MLflow's scoring server (`mlflow models serve`, `make serve`, an image from `mlflow models
+    build-docker`), the model opens no path unless `MUMIC_IMAGE_ROOT` names a folder on the server: without it every
+    path cell gets `path_input_disabled`; with it, a path is taken relative to that folder, resolved (symlinks, `..`)
+    and read only if it still lies inside, else `path_outside_image_root`, which says nothing about the file, not
+    even whether it exists. No error message ever quotes a file's bytes. Served means MLflow's server environment
+    (`__pyfunc_model_path__` or `_MLFLOW_IS_IN_SERVING_ENVIRONMENT`), checked per request because the server sets
+    the latter only after loading the model. In-process (`mlflow.pyfunc.load_model(...).predict(df)`) any path
+    the caller names is read, or only those under `MUMIC_IMAGE_ROOT` when it is set. Bytes and `{"b64": ...}`
+    cells are always accepted.
+
+Serving (checked with mlflow 3.17.2; `make serve` runs the first command with `.venv/bin` on PATH, as MLflow
+starts `uvicorn` by name):
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db MUMIC_IMAGE_ROOT=/srv/photos mlflow models serve \
+        -m models:/mumic@champion --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{
-        "dataframe_split": {"columns": ["image"], "data": [["/abs/path/a.png"], [{"b64": "iVBORw0KG..."}]]},
+        "dataframe_split": {"columns": ["image"], "data": [["cats/a.png"], [{"b64": "iVBORw0KG..."}]]},
         "params": {"top_k": 3, "extra_classes": ["purple hexagon"]}}'
     -> {"predictions": [{"labels": [...], "scores": [...], "error": null}, ...]}
-    (`dataframe_records` works too: [{"image": "/abs/path/a.png"}].)
+    (`dataframe_records` works too: [{"image": "/srv/photos/cats/a.png"}].)
 
 Registry
     `register_model` refuses a model that failed the evaluation gate, is idempotent per run, tags the version and
-    points `challenger` at it. `promote` moves `champion` only when the candidate's test GAP@10 is not worse than
-    the champion's on the same test split (unless forced) and keeps the old champion as `previous_champion`;
-    `rollback` swaps the two back. `resolve_model_uri` turns `models:/mumic@champion` into a local model directory.
+    points `challenger` at it. `promote` moves `champion` (the decision is the gate's comparison, made by the
+    promote step) and keeps the old champion as `previous_champion`; `rollback` swaps the two back.
+    `resolve_model_uri` turns `models:/mumic@champion` into a local model directory.
 """
 
 from __future__ import annotations
@@ -73,7 +85,6 @@ PREVIOUS_CHAMPION = "previous_champion"
 MODEL_DIR_ARTIFACT = "model_dir"
 
 TAG_GATE = "gate"
-TAG_GAP_AT_10 = "gap_at_10"
 TAG_TEST_SPLIT = "test_split"
 GATE_PASSED = "passed"
 SPLIT_HASH_KEY = "split_sha256"  # where `evaluate_model` reports name the exact bytes of the split they scored
@@ -99,19 +110,53 @@ class GateFailedError(RegistryError):
 # --- the pyfunc model -------------------------------------------------------------------------------------------
 
 
-# "0" makes a served model refuse `image` cells that are server paths: a client could otherwise probe which files
-# exist on the server and read the first bytes of any non-image file from the error message.
-ALLOW_PATH_INPUTS_ENV = "MUMIC_ALLOW_PATH_INPUTS"
+# The folder a model may read `image` paths from (symlinks and `..` resolved). Unset, a served model reads no
+# path at all, so a client cannot make the server open its files; in-process use reads any path the caller names.
+IMAGE_ROOT_ENV = "MUMIC_IMAGE_ROOT"
+
+# What MLflow's scoring server (`mlflow models serve`, the Docker image, spark_udf's server) puts in its environment:
+# the model path before loading, the serving flag after loading (and while `log_model` checks the input example).
+_SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
+_SERVING_FLAG_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 
-def _image_source(value: Any, *, allow_paths: bool = True) -> str | bytes:
+@dataclass(frozen=True)
+class PathPolicy:
+    """Which `image` cells given as paths the model may open; read per request, as serving is only known then."""
+
+    image_root: str | None  # already resolved (os.path.realpath); None: no root configured
+    served: bool
+
+    @classmethod
+    def from_environment(cls) -> PathPolicy:
+        root = os.environ.get(IMAGE_ROOT_ENV) or None
+        served = _SERVER_MODEL_PATH_ENV in os.environ or os.environ.get(_SERVING_FLAG_ENV, "").lower() in ("true", "1")
+        return cls(None if root is None else os.path.realpath(root), served)
+
+    def resolve(self, value: str | os.PathLike) -> str:
+        """The path to open, or ValueError; a refusal says nothing about the file, not even whether it exists."""
+        path = os.fsdecode(value)
+        if self.image_root is None and self.served:
+            raise ValueError(
+                "path_input_disabled: this server reads no image paths; send the image as {'b64': ...} "
+                f"(or start the server with {IMAGE_ROOT_ENV} set to the folder it may read)"
+            )
+        if "\x00" in path:
+            raise ValueError("invalid_path: the path contains a NUL byte")
+        if self.image_root is None:
+            return path
+        real = os.path.realpath(os.path.join(self.image_root, path))  # relative paths are taken from the root
+        if os.path.commonpath([self.image_root, real]) != self.image_root:
+            raise ValueError(f"path_outside_image_root: image paths are read only under {IMAGE_ROOT_ENV}")
+        return real
+
+
+def _image_source(value: Any, paths: PathPolicy) -> str | bytes:
     """One `image` cell as a path or encoded bytes; ValueError names what was wrong with it."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str | os.PathLike):
-        if not allow_paths:
-            raise ValueError(f"path_input_disabled: send image bytes ({{'b64': ...}}); {ALLOW_PATH_INPUTS_ENV}=0")
-        return os.fspath(value)
+        return paths.resolve(value)
     if isinstance(value, Mapping) and isinstance(value.get("b64"), str):
         try:
             return base64.b64decode(value["b64"], validate=True)
@@ -132,7 +177,6 @@ class MumicPyfunc(mlflow.pyfunc.PythonModel):
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor.from_dir(context.artifacts[MODEL_DIR_ARTIFACT], device=device)
-        self.allow_paths = os.environ.get(ALLOW_PATH_INPUTS_ENV, "1") != "0"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = params or {}
@@ -140,9 +184,10 @@ class MumicPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException("input must be a DataFrame with an 'image' column", INVALID_PARAMETER_VALUE)
         errors: list[str | None] = [None] * len(model_input)
         sources: dict[int, str | bytes] = {}
+        paths = PathPolicy.from_environment()
         for i, value in enumerate(model_input["image"].tolist()):
             try:
-                sources[i] = _image_source(value, allow_paths=self.allow_paths)
+                sources[i] = _image_source(value, paths)
             except ValueError as exc:
                 errors[i] = str(exc)
         threshold = params.get("threshold")
@@ -344,73 +389,38 @@ def current_champion(name: str = MODEL_NAME, *, tracking_uri: str | None = None)
     return _by_alias(MlflowClient(tracking_uri), name, CHAMPION)
 
 
-def _measurement(metrics: Mapping[str, Any] | None, version: ModelVersionInfo) -> tuple[float | None, str | None]:
-    """(GAP@10, test split hash) from a fresh evaluation report, else from the version's registration tags.
-
-    A report that does not name its split is taken to be on the split the version was registered with.
-    """
-    if metrics is None:
-        gap, split = version.tags.get(TAG_GAP_AT_10), version.tags.get(TAG_TEST_SPLIT)
-    else:
-        gap, split = metrics.get(TAG_GAP_AT_10), metrics.get(SPLIT_HASH_KEY) or version.tags.get(TAG_TEST_SPLIT)
-    return (None if gap is None else float(gap)), split
+def promotion_candidate(
+    name: str = MODEL_NAME, version: int | None = None, *, tracking_uri: str | None = None
+) -> ModelVersionInfo:
+    """The version a promotion is about: `version`, else the one the `challenger` alias points at."""
+    client = MlflowClient(tracking_uri)
+    if version is not None:
+        return _get_version(client, name, version)
+    candidate = _by_alias(client, name, CHALLENGER)
+    if candidate is None:
+        raise RegistryError(f"model {name!r} has no {CHALLENGER!r} to promote; register a model first")
+    return candidate
 
 
 def promote(
-    name: str = MODEL_NAME,
-    *,
-    version: int | None = None,
-    force: bool = False,
-    candidate_metrics: Mapping[str, Any] | None = None,
-    champion_metrics: Mapping[str, Any] | None = None,
-    tracking_uri: str | None = None,
+    name: str = MODEL_NAME, *, version: int, reason: str, forced: bool = False, tracking_uri: str | None = None
 ) -> PromotionResult:
-    """Move `champion` to `version` (default: the `challenger`) if its test GAP@10 is not worse than the champion's.
+    """Point `champion` at `version` and keep the champion it replaces as `previous_champion`.
 
-    `candidate_metrics` / `champion_metrics` are `evaluate_model` reports of the two models (`gap_at_10`,
-    `split_sha256`); when one is missing, that version's registered `gap_at_10` / `test_split` tags stand in.
-    Measurements on different (or unknown) test splits are not compared: the promotion is refused unless `force`.
-    With no champion yet, the candidate becomes champion (it passed the gate to be registered at all).
+    Whether the version deserves it is decided before, by the same comparison as the evaluation gate
+    (`mumic_ml.gate.compare_with_champion`, applied by `mumic_ml.steps.promote_step`); `reason` records why.
     """
     client = MlflowClient(tracking_uri)
-    if version is None:
-        candidate = _by_alias(client, name, CHALLENGER)
-        if candidate is None:
-            raise RegistryError(f"model {name!r} has no {CHALLENGER!r} to promote; register a model first")
-    else:
-        candidate = _get_version(client, name, version)
+    candidate = _get_version(client, name, version)
     champion = _by_alias(client, name, CHAMPION)
     champion_version = None if champion is None else champion.version
-
-    def refused(reason: str) -> PromotionResult:
-        return PromotionResult(name, False, champion_version, None, reason)
-
-    if champion is not None and champion.version == candidate.version:
-        return refused(f"version {candidate.version} is already the champion")
-    if champion is None:
-        reason = "no champion yet: the first registered candidate becomes champion"
-    else:
-        cand_gap, cand_split = _measurement(candidate_metrics, candidate)
-        champ_gap, champ_split = _measurement(champion_metrics, champion)
-        if force:
-            reason = "forced"
-        elif cand_gap is None or champ_gap is None:
-            return refused("GAP@10 of the candidate or the champion is unknown; evaluate both or force")
-        elif cand_split is None or cand_split != champ_split:
-            return refused(
-                f"candidate and champion were measured on different test splits ({cand_split} vs {champ_split}); "
-                "evaluate both on the same split or force"
-            )
-        elif cand_gap < champ_gap:
-            return refused(
-                f"candidate GAP@10 {cand_gap:.4f} is worse than champion v{champion.version}'s {champ_gap:.4f}"
-            )
-        else:
-            reason = f"candidate GAP@10 {cand_gap:.4f} >= champion v{champion.version}'s {champ_gap:.4f}"
+    if champion_version == candidate.version:
+        already = f"version {candidate.version} is already the champion"
+        return PromotionResult(name, False, champion_version, None, already)
     if champion is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(champion.version))
     client.set_registered_model_alias(name, CHAMPION, str(candidate.version))
-    return PromotionResult(name, True, candidate.version, champion_version, reason, forced=force)
+    return PromotionResult(name, True, candidate.version, champion_version, reason, forced=forced)
 
 
 def rollback(name: str = MODEL_NAME, *, tracking_uri: str | None = None) -> PromotionResult:

@@ -4,6 +4,11 @@ A random split of long-tailed multi-label data leaves rare classes with no posit
 of them there. Iterative stratification (Sechidis, Tsoumakas & Vlahavas, ECML PKDD 2011) instead deals out the
 rows of the rarest remaining label first, each to the split that still wants most positives of that label, so
 every class is spread in the requested proportions as far as its count allows.
+
+Assignments are stable: an image keeps its split for life. When the collection grows, the images already in the
+split files stay where they are (a corrected label travels with the image, not the image between splits) and only
+the new images are dealt, stratified among themselves. So the test split never holds an image that an earlier model
+trained on, and a champion and a challenger can be compared on it fairly.
 """
 
 from __future__ import annotations
@@ -139,15 +144,44 @@ def _label_lists(column: pd.Series) -> list[list[str]]:
     return lists
 
 
+def previous_assignment(out_dir: str | os.PathLike, names: Sequence[str]) -> dict[str, str]:
+    """The split of every image (by sha256) in the split files already in `out_dir`; empty when there are none.
+
+    A partial set (say test.parquet deleted by hand) is an error: dealing its images afresh could move a test
+    image into train, which is exactly the leak stable splits exist to prevent.
+    """
+    out_dir = Path(out_dir)
+    present = [name for name in names if (out_dir / f"{name}.parquet").is_file()]
+    if not present:
+        return {}
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise ValueError(
+            f"{out_dir} holds the split files {present} but not {missing}; restore them (`dvc checkout`) or "
+            "re-deal every image with `mumic split --reassign`"
+        )
+    assignment: dict[str, str] = {}
+    for name in names:
+        for sha in pd.read_parquet(out_dir / f"{name}.parquet", columns=["sha256"])["sha256"]:
+            if assignment.setdefault(sha, name) != name:
+                raise ValueError(f"image {sha} is in both {assignment[sha]} and {name} in {out_dir}")
+    return assignment
+
+
 def split_manifest(
     manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     fractions: Mapping[str, float],
     seed: int,
     taxonomy_names: Sequence[str] | None = None,
+    *,
+    reassign: bool = False,
 ) -> dict:
     """Write `OUT/<split>.parquet` for every split and `OUT/split_report.json`; return the report.
 
+    Images already in OUT's split files keep their split; the others are dealt by iterative stratification among
+    themselves with `seed`. `reassign` ignores the existing files and deals every image afresh (models trained
+    before then are no longer comparable on the new test split; the evaluation gate refuses such comparisons).
     Each split file holds the manifest's rows for that split, with the same columns in the same order, written
     atomically so a reader never sees half a split. Identical images (same sha256) in two splits would leak test
     data into training, so duplicate hashes are refused rather than split.
@@ -167,9 +201,14 @@ def split_manifest(
     else:
         class_names = list(taxonomy_names)
     labels = _label_matrix(label_lists, class_names)
-    split_of_row = iterative_stratified_split(labels, fractions, seed)
 
     out_dir = Path(out_dir)
+    assignment = {} if reassign else previous_assignment(out_dir, names)
+    split_of_row = manifest["sha256"].map(assignment).to_numpy(dtype=object)
+    is_new = pd.isna(split_of_row)
+    if is_new.any():
+        split_of_row[is_new] = iterative_stratified_split(labels[is_new], fractions, seed)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_report = {}
     # Every split file is written under a temporary name before any is renamed: a failure while writing one
@@ -192,5 +231,14 @@ def split_manifest(
         "classes": class_names,
         "splits": splits_report,
     }
+    # The file describes the split files only, so rerunning on the same data rewrites it byte for byte; what this
+    # run changed (which images were new) is returned, not stored.
     atomic_write_json(out_dir / "split_report.json", report)
-    return report
+    assignment = {
+        "kept": int((~is_new).sum()),
+        "new": int(is_new.sum()),
+        "new_per_split": {name: int(((split_of_row == name) & is_new).sum()) for name in names},
+        "dropped": len(set(assignment) - set(manifest["sha256"])),
+        "reassigned": bool(reassign),
+    }
+    return {**report, "assignment": assignment}

@@ -18,6 +18,7 @@ import yaml
 
 from mumic_ml.batches import BatchIngestResult, ingest_batches
 from mumic_ml.config import DEMO_FOUNDATION, Params
+from mumic_ml.gate import Measured
 from mumic_ml.io import atomic_write_json, read_json
 from mumic_ml.taxonomy import load_taxonomy
 
@@ -89,7 +90,8 @@ def validate_step(params: Params, root: Path = Path(".")):
     return validate_manifest(paths.manifest, load_taxonomy(paths.taxonomy), paths.validation / "labels", rules)
 
 
-def split_step(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+def split_step(params: Params, root: Path = Path("."), *, reassign: bool = False) -> dict[str, Any]:
+    """Images already split keep their split; new ones are dealt (`reassign`: every image afresh)."""
     from mumic_ml.split import split_manifest
 
     paths = ProjectPaths(root, params)
@@ -99,6 +101,7 @@ def split_step(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         params.split.fractions,
         params.split.seed,
         taxonomy_names=load_taxonomy(paths.taxonomy).names,
+        reassign=reassign,
     )
     report["md5"] = data_version(paths)
     return report
@@ -132,21 +135,42 @@ def foundation_weights(params: Params, root: Path = Path(".")) -> str | None:
 @dataclass(frozen=True)
 class FoundationOutcome:
     source: str  # how the weights were obtained this time: pretrained, cached, resolved, random init
+    decision: str  # why: what made the step pretrain again or reuse the checkpoint (pretrain.refresh)
     weights: str | None
     zero_shot: dict[str, Any] | None  # test-split metrics of the untrained MuMIC head on these weights
     pretrain: dict[str, Any] | None  # the demo foundation's pretraining record (None for other weights)
     report_path: Path
 
 
-def _pretrain_record_matches(meta_path: Path, params: Params, fingerprint: str) -> bool:
-    if not meta_path.is_file():
-        return False
+def _pretrain_decision(checkpoint: Path, params: Params, fingerprint: str, force: bool) -> str | None:
+    """Why the demo foundation must be pretrained now, or None to reuse the checkpoint (`pretrain.refresh`)."""
+    from mumic_ml.config import FoundationRefresh
+
+    meta_path = checkpoint.with_name(checkpoint.name + ".json")
+    refresh = params.pretrain.refresh
+    if force:
+        return "asked to (--force)"
+    if not checkpoint.is_file() or not meta_path.is_file():
+        return "no foundation checkpoint yet"
+    if refresh is FoundationRefresh.ALWAYS:
+        return "pretrain.refresh is always"
     meta = read_json(meta_path)
-    return (
-        meta.get("backbone") == params.model.backbone
-        and meta.get("pretrain") == params.pretrain.model_dump(mode="json")
-        and meta.get("data_fingerprint") == fingerprint
-    )
+    if meta.get("backbone") != params.model.backbone or meta.get("pretrain") != params.pretrain.recipe():
+        return "model.backbone or the pretrain recipe changed"
+    if refresh is FoundationRefresh.DATA and meta.get("data_fingerprint") != fingerprint:
+        return "the train or val split changed (pretrain.refresh: data)"
+    return None
+
+
+def foundation_seen_images(params: Params, root: Path = Path(".")) -> list[str]:
+    """The images the demo foundation was pretrained on (none for other weights): a fine-tuned model has seen them."""
+    if params.model.pretrained != DEMO_FOUNDATION:
+        return []
+    checkpoint = demo_foundation_checkpoint(params, root)
+    meta_path = checkpoint.with_name(checkpoint.name + ".json")
+    if not meta_path.is_file():
+        return []
+    return list(read_json(meta_path).get("seen_images", []))
 
 
 def _zero_shot_on_test(params: Params, paths: ProjectPaths, weights: str) -> dict[str, Any]:
@@ -174,8 +198,10 @@ def foundation_step(
 
     With `model.pretrained: demo-foundation` the demo foundation is pretrained on the train split's captions,
     unless the checkpoint there was already pretrained with the same backbone, `pretrain` section and data
-    (`force` pretrains anyway). Any other setting is resolved, downloading a tag now, so that missing weights fail
-    here with the fix in the message and not after the data steps of a long run.
+    (`force` pretrains anyway). With `model.pretrained: demo-foundation` the checkpoint is reused while the backbone
+    and the pretrain recipe are unchanged (`pretrain.refresh: config`), as a real CLIP would be; `refresh: data`
+    also pretrains again when the data changed. Any other setting is resolved, downloading a tag now, so that
+    missing weights fail here with the fix in the message and not after the data steps of a long run.
     """
     from mumic_ml.backbone import create_backbone
     from mumic_ml.data import read_split
@@ -188,9 +214,14 @@ def foundation_step(
         checkpoint = demo_foundation_checkpoint(params, root)
         meta_path = checkpoint.with_name(checkpoint.name + ".json")
         fingerprint = data_fingerprint({name: read_split(paths.split(name)) for name in ("train", "val")})
-        if not force and checkpoint.is_file() and _pretrain_record_matches(meta_path, params, fingerprint):
+        why = _pretrain_decision(checkpoint, params, fingerprint, force)
+        if why is None:
             source = "cached"
+            decision = f"reused: same backbone and pretrain recipe (pretrain.refresh: {params.pretrain.refresh})"
+            if read_json(meta_path).get("data_fingerprint") != fingerprint:
+                decision += "; the data has changed since it was pretrained"
         else:
+            decision = f"pretrained: {why}"
             pretrain(
                 params,
                 splits_dir=paths.splits,
@@ -208,6 +239,7 @@ def foundation_step(
         weights = params.model.pretrained
         create_backbone(params.model.backbone, weights, device="cpu")
         source = "resolved" if weights else "random init"
+        decision = f"model.pretrained is {weights!r}: nothing to pretrain"
 
     report_path = paths.foundation / "foundation.json"
     zero_shot, zero_shot_inputs = None, None
@@ -232,12 +264,13 @@ def foundation_step(
             "pretrained": params.model.pretrained,
             "weights": weights,
             "source": source,
+            "decision": decision,
             "pretrain": record,
             "zero_shot_test": zero_shot,
             "zero_shot_inputs": zero_shot_inputs,
         },
     )
-    return FoundationOutcome(source, weights, zero_shot, record, report_path)
+    return FoundationOutcome(source, decision, weights, zero_shot, record, report_path)
 
 
 def evaluate_on_test(
@@ -372,6 +405,7 @@ def train_step(
         "model_dir": paths.model,
         "cache_dir": paths.cache,
     }
+    train_paths["seen_before"] = foundation_seen_images(params, root)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under torchrun the other ranks only share the gradient work; rank 0 owns the run and the export.
         result = train(training_params, **train_paths, resume=resume, progress=False)
@@ -430,34 +464,48 @@ class EvaluationOutcome:
     gate_path: Path
 
 
-def _champion_dir(params: Params, root: Path, uri: str) -> Path | None:
-    from mumic_ml.registry import current_champion, resolve_model_uri
+def _test_images(paths: ProjectPaths) -> frozenset[str]:
+    from mumic_ml.data import read_split
 
-    if current_champion(params.mlflow.registered_model, tracking_uri=uri) is None:
+    return frozenset(read_split(paths.split("test"))["sha256"])
+
+
+def _measure_registered(paths: ProjectPaths, model_uri: str, label: str, uri: str) -> Measured:
+    """A registered model scored on the current test split, with the images it records it trained on."""
+    from mumic_ml.model_io import read_seen_images
+    from mumic_ml.registry import resolve_model_uri
+
+    model_dir = resolve_model_uri(model_uri, cache_dir=paths.root / ".cache" / "models", tracking_uri=uri)
+    report = evaluate_on_test(paths, model_dir, paths.reports / f"{label.split()[0]}_metrics.json")
+    return Measured(label, report, read_seen_images(model_dir))
+
+
+def _champion(paths: ProjectPaths, uri: str) -> Measured | None:
+    from mumic_ml.registry import current_champion
+
+    name = paths.params.mlflow.registered_model
+    champion = current_champion(name, tracking_uri=uri)
+    if champion is None:
         return None
-    return resolve_model_uri(
-        f"models:/{params.mlflow.registered_model}@champion", cache_dir=root / ".cache" / "models", tracking_uri=uri
-    )
+    return _measure_registered(paths, champion.uri, f"champion v{champion.version}", uri)
 
 
 def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> EvaluationOutcome:
-    """Test-split metrics and plots into the training run, then the gate: floor, and the champion re-measured on
-    the same split."""
+    """Test-split metrics and plots into the training run, then the gate: the floor, and the champion re-measured
+    on the same split, neither having trained on any of its images."""
     from mumic_ml.gate import check_gate
+    from mumic_ml.model_io import read_seen_images
     from mumic_ml.tracking import log_artifacts, log_epoch
 
     paths = ProjectPaths(root, params)
     report = evaluate_step(params, root)
     uri, _ = tracking_location(params, root)
-    champion_report = None
-    champion_dir = _champion_dir(params, root, uri)
-    if champion_dir is not None:
-        champion_report = evaluate_on_test(paths, champion_dir, paths.reports / "champion_metrics.json")
     gate = check_gate(
-        report,
+        Measured("this model", report, read_seen_images(paths.model)),
         floor=params.gate.min_gap_at_10,
-        champion_report=champion_report,
+        champion=_champion(paths, uri),
         tolerance=params.gate.champion_tolerance,
+        test_images=_test_images(paths),
     )
     run_id = _model_run_id(paths.model)
     gate_path = write_gate(params, root, {**gate.to_dict(), "mlflow_run_id": run_id})
@@ -470,14 +518,20 @@ def evaluate_and_gate_step(params: Params, root: Path = Path(".")) -> Evaluation
 
 
 def register_step(params: Params, root: Path = Path(".")):
-    """Log the gated model as a pyfunc and register it as `challenger`; refuses a model that failed the gate."""
-    from mumic_ml.registry import log_model, register_model, registered_version_of_run
+    """Log the gated model as a pyfunc and register it as `challenger`.
+
+    A model that failed the gate is refused before anything is logged, so refusals leave no orphan model behind.
+    """
+    from mumic_ml.registry import GateFailedError, log_model, register_model, registered_version_of_run
 
     paths = ProjectPaths(root, params)
     run_id = _model_run_id(paths.model)
     gate = read_json(paths.reports / "gate.json")
     if gate.get("mlflow_run_id") != run_id:
         raise ValueError("reports/gate.json belongs to another model; run `mumic evaluate` on this one first")
+    if not gate.get("passed"):
+        reasons = "; ".join(gate.get("reasons", [])) or "no reason recorded"
+        raise GateFailedError(f"refusing to register run {run_id}: it did not pass the evaluation gate ({reasons})")
     uri, _ = tracking_location(params, root)
     name = params.mlflow.registered_model
     existing = registered_version_of_run(name, run_id, tracking_uri=uri)
@@ -487,12 +541,12 @@ def register_step(params: Params, root: Path = Path(".")):
         run_id,
         model_uri,
         name=name,
-        gate_passed=bool(gate["passed"]),
+        gate_passed=True,
         metrics=read_metrics(params, root),
         tags={
             "data_version": combined_version(version),
             **{f"split_md5.{k}": v for k, v in version.items()},
-            "gate_passed": str(gate["passed"]),
+            "gate_passed": "True",
         },
         tracking_uri=uri,
     )
@@ -513,8 +567,10 @@ class PromoteOutcome:
 def promote_step(
     params: Params, root: Path = Path("."), *, version: str | None = None, force: bool = False, rollback: bool = False
 ) -> PromoteOutcome:
-    """Move `champion` to the challenger (or `version`) if it is not worse on the current test split; or roll back."""
+    """Move `champion` to the challenger (or `version`) if the gate's comparison with the champion, on the current
+    test split, finds nothing against it (`force` moves it anyway); or roll back."""
     from mumic_ml import registry
+    from mumic_ml.gate import compare_with_champion
 
     uri, _ = tracking_location(params, root)
     name = params.mlflow.registered_model
@@ -522,23 +578,21 @@ def promote_step(
         result = registry.rollback(name, tracking_uri=uri)
         return PromoteOutcome(result.moved, result.champion, result.reason)
     paths = ProjectPaths(root, params)
-    cache = root / ".cache" / "models"
-
-    def measure(model_uri: str, label: str) -> dict[str, Any]:
-        model_dir = registry.resolve_model_uri(model_uri, cache_dir=cache, tracking_uri=uri)
-        return evaluate_on_test(paths, model_dir, paths.reports / f"{label}_metrics.json")
-
-    candidate_uri = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
-    candidate = measure(candidate_uri, "candidate")
-    champion = (
-        measure(f"models:/{name}@champion", "champion") if registry.current_champion(name, tracking_uri=uri) else None
-    )
-    result = registry.promote(
-        name,
-        version=int(version) if version else None,
-        force=force,
-        candidate_metrics=candidate,
-        champion_metrics=champion,
-        tracking_uri=uri,
-    )
+    candidate_info = registry.promotion_candidate(name, int(version) if version else None, tracking_uri=uri)
+    champion_info = registry.current_champion(name, tracking_uri=uri)
+    if champion_info is None:
+        reason = "no champion yet: the first registered candidate becomes champion"
+    elif champion_info.version == candidate_info.version:
+        return PromoteOutcome(False, champion_info.version, f"version {candidate_info.version} is already the champion")
+    else:
+        candidate = _measure_registered(paths, candidate_info.uri, f"candidate v{candidate_info.version}", uri)
+        champion = _measure_registered(paths, champion_info.uri, f"champion v{champion_info.version}", uri)
+        comparison = compare_with_champion(
+            candidate, champion, tolerance=params.gate.champion_tolerance, test_images=_test_images(paths)
+        )
+        if comparison.reasons and not force:
+            return PromoteOutcome(False, champion_info.version, "; ".join(comparison.reasons))
+        summary = f"GAP@10 {candidate.gap_at_10:.4f} against {champion.label}'s {champion.gap_at_10:.4f}"
+        reason = f"forced ({'; '.join(comparison.reasons)})" if comparison.reasons else summary
+    result = registry.promote(name, version=candidate_info.version, reason=reason, forced=force, tracking_uri=uri)
     return PromoteOutcome(result.moved, result.champion, result.reason)

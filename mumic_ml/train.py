@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,11 +368,13 @@ def train(
     on_epoch_end: Callable[[EpochReport], None] | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    seen_before: Iterable[str] = (),
 ) -> TrainResult:
     """Fine-tune on `splits_dir/{train,val}.parquet`, export the best epoch's model to `model_dir`.
 
     `metadata` is stored in the exported model directory (e.g. the MLflow run id and the data version), so later
-    steps find them beside the weights instead of in some side channel.
+    steps find them beside the weights instead of in some side channel. `seen_before` names the images the starting
+    weights already trained on (the demo foundation's); the model records them with its own train and val images.
     """
     cfg = params.train
     device, dist_info = _configure_runtime(cfg)
@@ -597,23 +599,24 @@ def train(
     if dist_info.is_main:
         _export_best(
             params,
-            classifier,
-            backbone,
-            taxonomy,
-            class_names,
-            class_prompts,
-            held_out,
-            val_set,
-            val_targets,
-            preparer,
-            autocast,
-            run_dir,
-            Path(model_dir),
-            state,
-            fingerprint,
-            precision_used,
-            dist_info.world_size,
-            metadata or {},
+            classifier=classifier,
+            backbone=backbone,
+            taxonomy=taxonomy,
+            class_names=class_names,
+            class_prompts=class_prompts,
+            held_out=held_out,
+            val_set=val_set,
+            val_targets=val_targets,
+            preparer=preparer,
+            autocast=autocast,
+            run_dir=run_dir,
+            model_dir=Path(model_dir),
+            state=state,
+            fingerprint=fingerprint,
+            precision_used=precision_used,
+            world_size=dist_info.world_size,
+            extra_metadata=metadata or {},
+            seen_images={*frames["train"]["sha256"], *frames["val"]["sha256"], *seen_before},
         )
     if dist_info.world_size > 1:
         dist.barrier()
@@ -622,6 +625,7 @@ def train(
 
 def _export_best(
     params: Params,
+    *,
     classifier: nn.Module,
     backbone,
     taxonomy: Taxonomy,
@@ -639,6 +643,7 @@ def _export_best(
     precision_used: str,
     world_size: int,
     extra_metadata: dict[str, Any],
+    seen_images: set[str],
 ) -> None:
     """Load the best epoch's weights, tune per-class thresholds on validation, write the model directory."""
     best = copy.deepcopy(classifier).cpu()
@@ -671,5 +676,6 @@ def _export_best(
             "history": state.history,
             **extra_metadata,
         },
+        seen_images=seen_images,
     )
     atomic_write_json(run_dir / "result.json", {"model_dir": str(model_dir), **asdict(state)})

@@ -203,7 +203,7 @@ BAD = [
         "cat",
         _bytes("download.jpg", _HTML),
         "not_an_image",
-        "file starts with '<!DOCTYP'",
+        "looks like an HTML page",
     ),
     Case(
         "decompression_bomb_over_pillow_guard",

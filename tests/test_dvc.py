@@ -1,26 +1,25 @@
-"""`dvc repro` of the project's dvc.yaml in a fresh repository on a tiny setting: the lock records the split md5s
-that the Dagster step reports, metrics and plots render, the model is registered as `challenger`, a second repro
-does nothing, and outputs travel through the local remote."""
+"""`make repro` (the README's command: `dvc repro` of the project's dvc.yaml with the venv's tools) in a fresh
+repository on a tiny setting: the lock records the split md5s that the Dagster step reports, metrics and plots
+render, the model is registered as `challenger`, a second repro does nothing, outputs travel through the local
+remote, a new batch keeps every earlier image in its split, and no failing stage removes the user's data."""
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
+from repo_copy import BIN, REPO, copy_repository, run_as_written  # noqa: E402
 
 from mumic_ml import steps  # noqa: E402
 from mumic_ml.config import load_params  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the environment's bin folder: `dvc` and the `mumic` command of the stages
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,32 +33,36 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A new git + DVC repository holding the project's pipeline files and code, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("dvc_project")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copy(REPO / "dvc.yaml", root)
-    # The stages list the code among their deps; the `mumic` they run imports the same files from the install.
-    shutil.copytree(REPO / "mumic_ml", root / "mumic_ml", ignore=shutil.ignore_patterns("__pycache__"))
+def new_repository(root: Path, overrides: dict) -> Path:
+    """A new git + DVC repository holding a copy of the project's pipeline files and code, with small params."""
+    copy_repository(root, overrides)
     subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
     dvc(root, "init", "--quiet")
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copy(REPO / ".dvcignore", root)
-    dvc(root, "repro")
     return root
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The repository after one `make repro`, which writes the demo world as the first batch."""
+    root = new_repository(tmp_path_factory.mktemp("dvc_project"), TINY)
+    make_repro(root)
+    return root
+
+
+def _env(root: Path, path: str) -> dict[str, str]:
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+
+
+def make_repro(root: Path) -> str:
+    """The README's command, run as written: no activated venv, so nothing of the venv is on PATH."""
+    proc = run_as_written(root, ["make", "repro"], {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    assert proc.returncode == 0, f"make repro failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def dvc(root: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = _env(root, f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -130,3 +133,46 @@ def test_push_then_pull_restores_outputs_from_the_local_remote(project):
     dvc(project, "pull")
     assert steps.md5_file(test_split) == locked_md5s(project)["data/splits/test.parquet"]
     assert json.loads(dvc(project, "status", "--json")) == {}
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): steps.md5_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_batch_keeps_every_image_in_its_split_and_reuses_the_foundation(project):
+    splits = project / "data" / "splits"
+    before = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in steps.SPLITS}
+    foundation = (project / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes()
+    mumic = subprocess.run(
+        [str(BIN / "mumic"), "demo-data", "--first-index", "60", "--n-images", "30", "--out", "data/incoming/more"],
+        cwd=project,
+        env=_env(project, os.environ.get("PATH", "")),
+        capture_output=True,
+        text=True,
+    )
+    assert mumic.returncode == 0, mumic.stderr
+    make_repro(project)
+    after = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in steps.SPLITS}
+    for name in steps.SPLITS:
+        assert before[name] <= after[name]
+    assert sum(len(after[name] - before[name]) for name in steps.SPLITS) == 30
+    report = json.loads((project / "models" / "foundation" / "foundation.json").read_text())
+    assert report["source"] == "cached" and "data has changed" in report["decision"]
+    assert (project / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes() == foundation
+
+
+def test_a_failing_repro_removes_none_of_the_users_data(tmp_path):
+    """`dvc repro` straight from the venv's bin without the venv on PATH: the stages cannot find `mumic` and fail,
+    and every input stays as it was (the demo world used to be a stage output that DVC removed first)."""
+    from mumic_ml.demo_world import generate_demo_world
+
+    root = new_repository(tmp_path / "repo", TINY)
+    incoming = root / "data" / "incoming"
+    generate_demo_world(incoming / "demo", n_images=12, image_size=32, seed=0)
+    before = _file_digests(incoming)
+    proc = run_as_written(root, [str(BIN / "dvc"), "repro"], {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    assert proc.returncode != 0 and "mumic" in proc.stdout + proc.stderr
+    assert _file_digests(incoming) == before and (incoming / "demo" / "taxonomy.yaml").is_file()
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for stage in stages.values() for o in stage.get("outs", [])]
+    assert not [o for o in outs if o.startswith(("${paths.incoming}", "${paths.demo}", "data/incoming"))]

@@ -167,9 +167,11 @@ def test_every_case_gets_its_reason_and_good_rows_go_through(tmp_path, images_ro
 
     table = pq.read_table(out / "manifest.parquet")
     assert table.schema.field("labels").type == pa.list_(pa.string())
-    assert table.column_names == ["image_id", "source", "path", "sha256", "labels", "width", "height", "caption"]
+    columns = ["image_id", "source", "path", "sha256", "labels", "width", "height", "row", "caption"]
+    assert table.column_names == columns
     records = table.to_pylist()
     assert [r["source"] for r in records] == [rows[i - 1][0] for i in ACCEPTED_ROWS]
+    assert [r["row"] for r in records] == list(ACCEPTED_ROWS), "accepted rows are numbered as rejected.csv numbers"
     by_source = {r["source"]: r for r in records}
     assert by_source["good1.png"]["labels"] == ["Cat"]
     assert by_source["good2.jpg"]["labels"] == ["Cat", "dog"]

@@ -84,13 +84,16 @@ def pipeline_run(tmp_path_factory, tracking_store):
 
 def test_definitions_load_and_resolve():
     dg.Definitions.validate_loadable(defs)
-    assert defs.get_job_def("retrain_job") is not None
-    assert defs.get_job_def("promote_job") is not None
-    assert (
-        defs.get_schedule_def("retrain_schedule").cron_schedule
-        == load_params(REPO / "params.yaml").schedule.retrain_cron
-    )
-    assert defs.get_sensor_def("new_data_sensor") is not None
+    retrain = defs.resolve_job_def("retrain_job")
+    assert retrain.name == "retrain_job"
+    assert {key.to_user_string() for key in retrain.asset_layer.selected_asset_keys} == ASSET_NAMES
+    promote = defs.resolve_job_def("promote_job")
+    assert [node.name for node in promote.nodes] == ["promote_challenger"]
+    assert not promote.asset_layer.selected_asset_keys
+    schedule = defs.resolve_schedule_def("retrain_schedule")
+    assert schedule.job_name == "retrain_job"
+    assert schedule.cron_schedule == load_params(REPO / "params.yaml").schedule.retrain_cron
+    assert defs.resolve_sensor_def("new_data_sensor").job_name == "retrain_job"
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == ASSET_NAMES
 
@@ -99,6 +102,8 @@ def test_schedule_requests_a_retrain_run():
     context = dg.build_schedule_context(scheduled_execution_time=pd.Timestamp("2026-11-30 03:00", tz="UTC"))
     requests = list(retrain_schedule.evaluate_tick(context).run_requests or [])
     assert len(requests) == 1
+    # A request without a job name runs the schedule's own job.
+    assert (requests[0].job_name or retrain_schedule.job_name) == "retrain_job"
 
 
 def test_sensor_fires_once_per_new_batch(tmp_path):
@@ -115,6 +120,33 @@ def test_sensor_fires_once_per_new_batch(tmp_path):
     assert len(grown.run_requests) == 1
     assert grown.run_requests[0].tags["mumic/new_batches"] == "second"
     assert json.loads(grown.cursor).keys() == {"demo", "second"}
+
+
+def sensor_tick(project: ProjectResource, cursor: str | None) -> dg.SensorResult:
+    return new_data_sensor(dg.build_sensor_context(cursor=cursor, resources={"project": project}))
+
+
+def test_sensor_skips_batches_already_ingested_even_with_an_empty_cursor(tmp_path):
+    # As after `make demo`: its run ingested the demo batch, then the sensor is switched on with no cursor.
+    root = make_project(tmp_path / "p", {"demo": {"n_images": 12}})
+    steps.ingest_step(load_params(root / "params.yaml"), root)
+    project = ProjectResource(root=str(root))
+    fresh = sensor_tick(project, cursor=None)
+    assert not fresh.run_requests and fresh.skip_reason is not None
+
+    incoming = root / "data" / "incoming"
+    shutil.copytree(incoming / "demo", incoming / "second")
+    grown = sensor_tick(project, cursor=None)
+    assert len(grown.run_requests) == 1
+    assert grown.run_requests[0].tags["mumic/new_batches"] == "second"
+    assert not sensor_tick(project, cursor=grown.cursor).run_requests
+
+    manifest = incoming / "demo" / "manifest.csv"
+    manifest.write_text(manifest.read_text() + "\n")
+    changed = sensor_tick(project, cursor=grown.cursor)
+    assert len(changed.run_requests) == 1
+    assert changed.run_requests[0].tags["mumic/new_batches"] == "demo"
+    assert not sensor_tick(project, cursor=changed.cursor).run_requests
 
 
 @pytest.mark.slow

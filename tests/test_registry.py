@@ -30,6 +30,7 @@ from mumic_ml.registry import (  # noqa: E402
     current_champion,
     log_model,
     promote,
+    promotion_candidate,
     register_model,
     resolve_model_uri,
     rollback,
@@ -202,41 +203,41 @@ def test_pyfunc_from_the_registry_takes_paths_bytes_and_params(store):
             model.predict(pd.DataFrame({"image": [str(image)]}), params={"top_k": top_k})
 
 
-def test_a_served_model_can_refuse_server_paths(store, monkeypatch):
-    _register(store, "mumic-bytes-only")
-    monkeypatch.setenv("MUMIC_ALLOW_PATH_INPUTS", "0")
+def test_a_served_model_reads_no_server_paths_unless_given_an_image_root(store, monkeypatch):
+    _register(store, "mumic-served")
     with tracking_scope(store.uri):
-        model = mlflow.pyfunc.load_model("models:/mumic-bytes-only@challenger")
+        model = mlflow.pyfunc.load_model("models:/mumic-served@challenger")
+    monkeypatch.delenv("MUMIC_IMAGE_ROOT", raising=False)
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")  # what MLflow's scoring server sets
     image = store.images[0]
+    passwd_line = Path("/etc/passwd").read_text().splitlines()[0]
     out = model.predict(pd.DataFrame({"image": [str(image), "/etc/passwd", image.read_bytes()]}))
     assert out["error"][0].startswith("path_input_disabled") and out["error"][1].startswith("path_input_disabled")
-    assert "root" not in out["error"][1] and out["labels"][1] == []
+    assert passwd_line not in out["error"][1] and out["labels"][1] == []
     assert out["error"][2] is None and len(out["labels"][2]) == 5
 
+    monkeypatch.setenv("MUMIC_IMAGE_ROOT", str(image.parent))
+    out = model.predict(pd.DataFrame({"image": [str(image), image.name, "/etc/passwd"]}))
+    assert out["error"][0] is None and out["labels"][0] == out["labels"][1]
+    assert out["error"][2].startswith("path_outside_image_root") and passwd_line not in out["error"][2]
 
-def test_promotion_refuses_a_worse_candidate_unless_forced_and_rolls_back(store):
+
+def test_promotion_moves_champion_keeps_the_previous_one_and_rolls_back(store):
+    """The aliases only: whether a version deserves promotion is the gate's comparison (tests/test_gate.py)."""
     name = "mumic-promo"
     with pytest.raises(RegistryError, match="challenger"):
-        promote(name, tracking_uri=store.uri)
+        promotion_candidate(name, tracking_uri=store.uri)
     first = _register(store, name, run=0)
-    result = promote(name, tracking_uri=store.uri)
+    assert promotion_candidate(name, tracking_uri=store.uri).version == first.version
+    result = promote(name, version=first.version, reason="first", tracking_uri=store.uri)
     assert result.moved and result.champion == first.version and result.previous_champion is None
 
-    report = store.report
-    worse = {**report, "gap_at_10": report["gap_at_10"] - 0.1}
-    second = _register(store, name, run=1, metrics=worse)
+    second = _register(store, name, run=1)
     assert second.version == first.version + 1
-    refused = promote(name, candidate_metrics=worse, champion_metrics=report, tracking_uri=store.uri)
-    assert not refused.moved and "worse" in refused.reason
-    assert current_champion(name, tracking_uri=store.uri).version == first.version
-
-    other_split = {**report, "gap_at_10": 1.0, "split_sha256": "another-split"}
-    refused = promote(name, candidate_metrics=other_split, champion_metrics=report, tracking_uri=store.uri)
-    assert not refused.moved and "different test splits" in refused.reason
-
-    forced = promote(name, force=True, candidate_metrics=worse, champion_metrics=report, tracking_uri=store.uri)
+    assert promotion_candidate(name, first.version, tracking_uri=store.uri).version == first.version
+    forced = promote(name, version=second.version, reason="forced", forced=True, tracking_uri=store.uri)
     assert forced.moved and forced.forced and forced.champion == second.version
-    assert forced.previous_champion == first.version
+    assert forced.previous_champion == first.version and forced.reason == "forced"
     client = MlflowClient(store.uri)
     assert int(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == first.version
 
@@ -244,16 +245,13 @@ def test_promotion_refuses_a_worse_candidate_unless_forced_and_rolls_back(store)
     assert back.moved and back.champion == first.version
     assert current_champion(name, tracking_uri=store.uri).version == first.version
     assert int(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == second.version
-
-    better = {**report, "gap_at_10": report["gap_at_10"] + 0.1}
-    promoted = promote(name, version=second.version, candidate_metrics=better, tracking_uri=store.uri)
-    assert promoted.moved and promoted.champion == second.version, promoted.reason
-    assert not promote(name, version=second.version, tracking_uri=store.uri).moved  # already champion
+    again = promote(name, version=first.version, reason="again", tracking_uri=store.uri)
+    assert not again.moved and "already the champion" in again.reason
 
 
 def test_rollback_without_a_previous_champion_is_an_error(store):
     _register(store, "mumic-lonely")
-    promote("mumic-lonely", tracking_uri=store.uri)
+    promote("mumic-lonely", version=1, reason="first", tracking_uri=store.uri)
     with pytest.raises(RegistryError, match="previous_champion"):
         rollback("mumic-lonely", tracking_uri=store.uri)
 
@@ -261,7 +259,7 @@ def test_rollback_without_a_previous_champion_is_an_error(store):
 def test_resolve_model_uri_gives_a_loadable_model_directory(store, tmp_path):
     name = "mumic-resolve"
     _register(store, name)
-    promote(name, tracking_uri=store.uri)
+    promote(name, version=1, reason="first", tracking_uri=store.uri)
     cache = tmp_path / "cache"
     model_dir = resolve_model_uri(f"models:/{name}@{CHAMPION}", cache_dir=cache, tracking_uri=store.uri)
     assert (model_dir / "model.safetensors").is_file()

@@ -367,9 +367,9 @@ def test_crash_while_writing_splits_keeps_the_previous_set(tiny_world, tmp_path,
     with monkeypatch.context() as patch:
         _crash_on_call(patch, *crash)
         with pytest.raises(_Crash):
-            split_manifest(*args, seed=1)
+            split_manifest(*args, seed=1, reassign=True)
     assert {p.name: _md5(p) for p in out.iterdir()} == before
-    split_manifest(*args, seed=1)
+    split_manifest(*args, seed=1, reassign=True)
     assert {p.name: _md5(p) for p in out.iterdir()} != before  # the crashed write would have changed the set
 
 
@@ -563,7 +563,9 @@ def test_metrics_store_failing_mid_training_fails_the_run_visibly(tiny_world, tm
 
 @pytest.mark.slow
 def test_disk_full_while_logging_a_model_leaves_the_registry_untouched(project, monkeypatch):
-    registry.promote(project.params.mlflow.registered_model, tracking_uri=project.uri)
+    registry.promote(
+        project.params.mlflow.registered_model, version=project.version, reason="first", tracking_uri=project.uri
+    )
     aliases, versions = _aliases(project), _versions(project)
     assert {"champion", "challenger"} <= set(aliases)
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository

@@ -141,7 +141,9 @@ def test_split_manifest_round_trip(tmp_path):
         list(labels) for labels in manifest.set_index("image_id").loc[parts["val"]["image_id"], "labels"]
     ]
 
-    assert report == json.loads((tmp_path / "splits" / "split_report.json").read_text())
+    assert {k: v for k, v in report.items() if k != "assignment"} == json.loads(
+        (tmp_path / "splits" / "split_report.json").read_text()
+    )
     assert report["seed"] == 5 and report["fractions"] == FRACTIONS
     assert report["classes"] == sorted({label for labels in manifest["labels"] for label in labels})
     for name, part in parts.items():
@@ -150,7 +152,8 @@ def test_split_manifest_round_trip(tmp_path):
         assert report["splits"][name]["positives"] == expected
 
     # Same input and seed give byte-identical files, so DVC sees the same hashes on a rerun.
-    assert split_manifest(tmp_path / "manifest.parquet", tmp_path / "again", FRACTIONS, seed=5) == report
+    again = split_manifest(tmp_path / "manifest.parquet", tmp_path / "again", FRACTIONS, seed=5)
+    assert again["splits"] == report["splits"]
     for name in [*FRACTIONS, "split_report"]:
         suffix = "json" if name == "split_report" else "parquet"
         first, second = (tmp_path / folder / f"{name}.{suffix}" for folder in ("splits", "again"))
@@ -188,3 +191,68 @@ def test_split_manifest_requires_columns(tmp_path):
     pd.DataFrame({"image_id": ["a"], "labels": [["x"]]}).to_parquet(tmp_path / "m.parquet", index=False)
     with pytest.raises(ValueError, match="sha256"):
         split_manifest(tmp_path / "m.parquet", tmp_path / "out", FRACTIONS, seed=0)
+
+
+# --- stable assignments as the collection grows ----------------------------------------------------------------------
+
+
+def _splits_by_sha(folder) -> dict[str, str]:
+    return {sha: name for name in FRACTIONS for sha in pd.read_parquet(folder / f"{name}.parquet")["sha256"]}
+
+
+def test_a_grown_collection_keeps_every_image_in_its_split_and_deals_only_the_new_ones(tmp_path):
+    full = write_manifest(tmp_path / "full.parquet", num_rows=400)
+    full.iloc[:300].to_parquet(tmp_path / "first.parquet", index=False)
+    split_manifest(tmp_path / "first.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    before = _splits_by_sha(tmp_path / "splits")
+
+    report = split_manifest(tmp_path / "full.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    after = _splits_by_sha(tmp_path / "splits")
+    assert {sha: after[sha] for sha in before} == before
+    new_per_split = report["assignment"].pop("new_per_split")
+    assert report["assignment"] == {"kept": 300, "new": 100, "dropped": 0, "reassigned": False}
+    # The new images alone are stratified: each split gets about its share of them.
+    for name, share in FRACTIONS.items():
+        assert abs(new_per_split[name] - share * 100) <= 3
+
+    # Splitting the whole collection from scratch would have moved earlier images: that is what stability prevents.
+    fresh = split_manifest(tmp_path / "full.parquet", tmp_path / "fresh", FRACTIONS, seed=0)
+    moved = sum(before[sha] != name for sha, name in _splits_by_sha(tmp_path / "fresh").items() if sha in before)
+    assert moved > 0 and fresh["assignment"]["kept"] == 0
+
+
+def test_a_corrected_label_moves_no_image_and_reaches_the_split_file(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet")
+    split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    before = _splits_by_sha(tmp_path / "splits")
+    corrected = manifest.copy()
+    corrected.at[0, "labels"] = ["pool", "sea view"]
+    corrected = corrected.iloc[::-1]  # row order does not matter either
+    corrected.to_parquet(tmp_path / "m.parquet", index=False)
+    report = split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=7)
+    assert _splits_by_sha(tmp_path / "splits") == before and report["assignment"]["new"] == 0
+    home = pd.read_parquet(tmp_path / "splits" / f"{before[manifest.at[0, 'sha256']]}.parquet")
+    assert list(home.set_index("sha256").loc[manifest.at[0, "sha256"], "labels"]) == ["pool", "sea view"]
+
+
+def test_removed_images_leave_their_split_and_reassign_deals_everything_afresh(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet")
+    split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    manifest.iloc[10:].to_parquet(tmp_path / "m.parquet", index=False)
+    report = split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    assert report["assignment"]["dropped"] == 10 and len(_splits_by_sha(tmp_path / "splits")) == 290
+    again = split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=3, reassign=True)
+    assert {key: again["assignment"][key] for key in ("kept", "new", "dropped", "reassigned")} == {
+        "kept": 0,
+        "new": 290,
+        "dropped": 0,
+        "reassigned": True,
+    }
+
+
+def test_a_partial_set_of_split_files_is_refused(tmp_path):
+    write_manifest(tmp_path / "m.parquet")
+    split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+    (tmp_path / "splits" / "test.parquet").unlink()
+    with pytest.raises(ValueError, match=r"not \['test'\].*--reassign"):
+        split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
