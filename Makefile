@@ -49,7 +49,7 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 MLFLOW_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)"
 
-# The champion on loopback; it reads no server paths unless MUMIC_IMAGE_ROOT is set (see mumic_ml/registry.py).
+# The champion on loopback; it reads no server paths unless MUMIC_IMAGE_ROOT is set (see mumic_ml/pipeline/registry.py).
 serve: PORT ?= 5001
 serve: $(STAMP)
 	$(MLFLOW_ENV) $(BIN)/mlflow models serve -h 127.0.0.1 -p $(PORT) -m models:/mumic@champion --env-manager local

@@ -1,6 +1,6 @@
 """Time gap_at_k against a plain vectorised numpy GAP@k, and mAP, on one synthetic score matrix.
 
-DESIGN.md section 7 asks for GAP@10 over 100,000 x 120 scores in at most 0.15 s; this prints whether it holds.
+The target is GAP@10 over 100,000 x 120 scores in at most 0.15 s; this prints whether it holds.
 The functions run interleaved, one call of each per round, so load from other processes hits them alike.
 
     python benchmarks/metrics_speed.py --n 100000 --c 120 --repeats 7

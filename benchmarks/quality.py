@@ -1,4 +1,4 @@
-"""MuMIC against its baselines on the demo world: same backbone, data, budget and seeds (issue 4, docs/results.md).
+"""MuMIC against its baselines on the demo world: same backbone, data, budget and seeds (docs/results.md).
 
 One project folder is built the way the pipeline builds it (demo world -> ingest -> split -> demo foundation, each
 through `mumic_ml.steps`); then every variant below is fine-tuned from that foundation with params.yaml's settings
@@ -30,10 +30,10 @@ import torch
 import yaml
 
 from mumic_ml import steps
-from mumic_ml.config import Params, load_params
 from mumic_ml.demo_world import generate_demo_world
 from mumic_ml.io import atomic_write_json, atomic_write_text, read_json
 from mumic_ml.pretrain import export_zero_shot
+from mumic_ml.project import Project
 from mumic_ml.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def project_params(budget: Budget) -> dict[str, Any]:
     return params
 
 
-def build_project(root: Path, budget: Budget) -> Params:
+def build_project(root: Path, budget: Budget) -> Project:
     """Demo world, ingest, split and foundation, each by the pipeline's own step; reused when already there."""
     params_path = root / "params.yaml"
     wanted = yaml.safe_dump(project_params(budget), sort_keys=False)
@@ -101,13 +101,13 @@ def build_project(root: Path, budget: Budget) -> Params:
         raise SystemExit(f"{root} holds a benchmark of another budget; use another --workdir or delete it")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(params_path, wanted)
-    params = load_params(params_path)
-    paths = steps.ProjectPaths(root, params)
-    if not paths.split("test").is_file():
-        generate_demo_world(paths.demo, n_images=params.demo.n_images, image_size=params.demo.image_size, seed=0)
-        steps.ingest_step(params, root)
-        steps.split_step(params, root)
-    return params
+    project = Project.load(root)
+    demo = project.params.demo
+    if not project.split("test").is_file():
+        generate_demo_world(project.demo, n_images=demo.n_images, image_size=demo.image_size, seed=0)
+        steps.ingest_step(project)
+        steps.split_step(project)
+    return project
 
 
 def _scores(report: dict[str, Any]) -> dict[str, float | None]:
@@ -122,23 +122,21 @@ def _scores(report: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def run_zero_shot(params: Params, root: Path, weights: str) -> dict[str, Any]:
+def run_zero_shot(project: Project, weights: str) -> dict[str, Any]:
     """The foundation with an untrained MuMIC head: the zero-shot row, and retrieval before fine-tuning."""
-    paths = steps.ProjectPaths(root, params)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    with tempfile.TemporaryDirectory(dir=project.root) as tmp:
         model_dir = export_zero_shot(
-            params, taxonomy_path=paths.taxonomy, backbone_weights=weights, model_dir=Path(tmp) / "model"
+            project.params, taxonomy_path=project.taxonomy, backbone_weights=weights, model_dir=Path(tmp) / "model"
         )
-        report = steps.evaluate_on_test(paths, model_dir, Path(tmp) / "metrics.json", retrieval=True)
+        report = steps.evaluate_on_test(project, model_dir, Path(tmp) / "metrics.json", retrieval=True)
     return {"variant": ZERO_SHOT, "scores": _scores(report), "seconds": time.perf_counter() - started}
 
 
 def run_variant(
-    params: Params, root: Path, weights: str, name: str, overrides: dict[str, Any], noise: float, seed: int
+    project: Project, weights: str, name: str, overrides: dict[str, Any], noise: float, seed: int
 ) -> dict[str, Any]:
     """Fine-tune one variant at one noise level and seed, score it on the test split, keep only the scores."""
-    paths = steps.ProjectPaths(root, params)
     settings = {
         "model.pretrained": weights,
         "train.seed": seed,
@@ -146,20 +144,20 @@ def run_variant(
         "train.label_noise.seed": seed,
         **overrides,
     }
-    run_params = params.updated(settings)
+    run_params = project.params.updated(settings)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    with tempfile.TemporaryDirectory(dir=project.root) as tmp:
         result = train(
             run_params,
-            splits_dir=paths.splits,
-            images_root=paths.ingested,
-            taxonomy_path=paths.taxonomy,
+            splits_dir=project.splits,
+            images_root=project.ingested,
+            taxonomy_path=project.taxonomy,
             run_dir=Path(tmp) / "run",
             model_dir=Path(tmp) / "model",
-            cache_dir=paths.cache,
+            cache_dir=project.cache,
             progress=False,
         )
-        report = steps.evaluate_on_test(paths, result.model_dir, Path(tmp) / "metrics.json", retrieval=True)
+        report = steps.evaluate_on_test(project, result.model_dir, Path(tmp) / "metrics.json", retrieval=True)
     return {
         "variant": name,
         "noise": noise,
@@ -167,7 +165,8 @@ def run_variant(
         "overrides": settings,
         "scores": _scores(report),
         "best_epoch": result.best_epoch,
-        "val_gap_at_10": [round(h["val_gap_at_10"], 5) for h in result.history],
+        "val_gap_at_k": [round(h["val_gap_at_k"], 5) for h in result.history],
+        "gap_k": result.gap_k,
         "final_temperature": result.history[-1].get("temperature"),
         "seconds": time.perf_counter() - started,
     }
@@ -268,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: VARIANTS[name] for name in (args.variants or VARIANTS)}
     started = time.perf_counter()
     try:
-        params = build_project(root, budget)
-        foundation = steps.foundation_step(params, root, progress=False)
+        project = build_project(root, budget)
+        foundation = steps.foundation_step(project, progress=False)
         print(f"foundation {foundation.source}: {foundation.weights}", flush=True)
         done_dir = root / "results"
         done_dir.mkdir(exist_ok=True)
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(path, result)
             return result
 
-        zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(params, root, foundation.weights))
+        zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(project, foundation.weights))
         runs = []
         for noise in budget.noise:
             for seed in budget.seeds:
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                     run = cached(
                         key,
                         lambda n=name, o=overrides, z=noise, s=seed: run_variant(
-                            params, root, foundation.weights, n, o, z, s
+                            project, foundation.weights, n, o, z, s
                         ),
                     )
                     runs.append(run)

@@ -83,9 +83,9 @@ def build_champion(workdir: Path, n_images: int) -> tuple[str, str, list[Path]]:
     """
     from mumic_ml.config import Params
     from mumic_ml.demo_world import generate_demo_world
+    from mumic_ml.pipeline.registry import CHAMPION, MODEL_NAME, log_model, promote, register_model
+    from mumic_ml.pipeline.tracking import start_run
     from mumic_ml.pretrain import export_zero_shot
-    from mumic_ml.registry import CHAMPION, MODEL_NAME, log_model, promote, register_model
-    from mumic_ml.tracking import start_run
 
     world = generate_demo_world(workdir / "world", n_images=n_images, image_size=64, seed=0)
     model_dir = export_zero_shot(

@@ -25,9 +25,10 @@ from mumic_ml.backbone import create_backbone
 from mumic_ml.config import Params, Precision
 from mumic_ml.data import ImagePreparer
 from mumic_ml.model_io import build_classifier
+from mumic_ml.optim import Stepper, parameter_groups
+from mumic_ml.runtime import autocast_and_scaler, resolve_device
 from mumic_ml.task import MumicTask, create_loss
 from mumic_ml.taxonomy import class_prompts
-from mumic_ml.train import Stepper, autocast_and_scaler, parameter_groups, resolve_device
 
 TEMPLATES = ("a photo of {}.", "an image with {}.", "a picture showing {}.")
 

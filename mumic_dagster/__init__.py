@@ -1,1 +1,1 @@
-"""Dagster orchestration of the mumic_ml pipeline (built in the orchestration issue)."""
+"""Dagster orchestration of the mumic_ml pipeline: the asset graph, jobs, schedule, sensor and resources."""

@@ -6,7 +6,8 @@ import dagster as dg
 
 from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource
 from mumic_ml import steps
-from mumic_ml.validate import EXPECTATION_NAMES, SPLIT_EXPECTATION_NAMES
+from mumic_ml.pipeline.validate import EXPECTATION_NAMES, SPLIT_EXPECTATION_NAMES
+from mumic_ml.project import combined_version
 
 OWNERS = ["team:ml-platform"]
 DATA = "data"
@@ -27,7 +28,7 @@ def raw_images(context: dg.AssetExecutionContext, project: ProjectResource) -> d
     New batches are ingested once and accumulate; the combined manifest covers all of them, and every row left
     out has a reason in the rejection table.
     """
-    result = steps.ingest_step(project.params(), project.root_path)
+    result = steps.ingest_step(project.load())
     context.log.info("ingested %s, unchanged %s", result.ingested, result.skipped)
     return dg.MaterializeResult(
         metadata={
@@ -53,7 +54,7 @@ def raw_images(context: dg.AssetExecutionContext, project: ProjectResource) -> d
 )
 def validated_labels(project: ProjectResource) -> dg.MaterializeResult:
     """The Great Expectations suite over the manifest; a failed blocking expectation stops the run here."""
-    result = steps.validate_step(project.params(), project.root_path)
+    result = steps.validate_step(project.load())
     label_counts = result.label_counts
     return dg.MaterializeResult(
         metadata={
@@ -90,9 +91,9 @@ def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
 
     An image keeps its split for life: new images are dealt among themselves, so the test split never holds an
     image that the champion trained on (`mumic split --reassign` deals everything afresh)."""
-    params, root = project.params(), project.root_path
-    report = steps.split_step(params, root)
-    leakage = steps.validate_splits_step(params, root)
+    loaded = project.load()
+    report = steps.split_step(loaded)
+    leakage = steps.validate_splits_step(loaded)
     per_class = [
         {"class": name, **{split: info["positives"].get(name, 0) for split, info in report["splits"].items()}}
         for name in report["classes"]
@@ -103,7 +104,7 @@ def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
             "images_kept_in_their_split": report["assignment"]["kept"],
             "new_images_dealt": dg.MetadataValue.json(report["assignment"]["new_per_split"]),
             "md5 (as in dvc.lock)": dg.MetadataValue.json(report["md5"]),
-            "dvc_lock_matches": dg.MetadataValue.json(steps.dvc_lock_matches(project.paths(), report["md5"])),
+            "dvc_lock_matches": dg.MetadataValue.json(loaded.dvc_lock_matches(report["md5"])),
             "positives_per_class": _table(per_class, ["class", *report["splits"]]),
         },
         check_results=[
@@ -115,7 +116,7 @@ def dataset_splits(project: ProjectResource) -> dg.MaterializeResult:
             )
             for o in leakage.outcomes
         ],
-        data_version=dg.DataVersion(steps.combined_version(report["md5"])),
+        data_version=dg.DataVersion(combined_version(report["md5"])),
     )
 
 
@@ -126,8 +127,7 @@ def foundation_model(
     """The weights fine-tuning starts from. `model.pretrained: demo-foundation` pretrains the demo world's own
     CLIP on the train split's captions (skipped while the checkpoint matches the config and data); real weights
     are resolved (downloaded) here instead. Either way their zero-shot quality on the test split is reported."""
-    params = project.params().updated({"pretrain.device": compute.device})
-    outcome = steps.foundation_step(params, project.root_path, progress=False)
+    outcome = steps.foundation_step(project.load().updated({"pretrain.device": compute.device}), progress=False)
     context.log.info("foundation %s: %s", outcome.source, outcome.weights or "random initialisation")
     metadata: dict = {
         "source": outcome.source,
@@ -164,34 +164,38 @@ def trained_model(
 ) -> dg.MaterializeResult:
     """MuMIC fine-tuning (GPU with mixed precision when present), checkpointed every epoch and resumed after a
     crash; params, per-epoch metrics and the data version go to an MLflow run."""
-    mlflow.activate()
     overrides = {"train.device": compute.device}
     if config.epochs is not None:
         overrides["train.epochs"] = config.epochs
     if config.batch_size is not None:
         overrides["train.batch_size"] = config.batch_size
-    params = project.params().updated(overrides)
+    loaded = mlflow.track(project.load()).updated(overrides)
 
     def on_epoch(report) -> None:
         context.log.info(
-            "epoch %d: loss %.4f val GAP@10 %.4f", report.epoch + 1, report.train_loss, report.val_gap_at_10
+            "epoch %d: loss %.4f val GAP@%d %.4f",
+            report.epoch + 1,
+            report.train_loss,
+            loaded.params.evaluate.k,
+            report.val_gap_at_k,
         )
 
-    outcome = steps.train_step(params, project.root_path, resume=config.resume, on_epoch_end=on_epoch)
+    outcome = steps.train_step(loaded, resume=config.resume, on_epoch_end=on_epoch)
     curve = [
         {
             "epoch": h["epoch"] + 1,
             "train_loss": round(h["train_loss"], 5),
-            "val_gap_at_10": round(h["val_gap_at_10"], 5),
+            "val_gap_at_k": round(h["val_gap_at_k"], 5),
         }
         for h in outcome.result.history
     ]
     return dg.MaterializeResult(
         metadata={
             "best_epoch": outcome.result.best_epoch + 1,
-            "best_val_gap_at_10": outcome.result.best_val_gap_at_10,
+            "best_val_gap_at_k": outcome.result.best_val_gap_at_k,
+            "gap_k": outcome.result.gap_k,
             "resumed_from": outcome.result.resumed_from or "",
-            "training_curve": _table(curve, ["epoch", "train_loss", "val_gap_at_10"]),
+            "training_curve": _table(curve, ["epoch", "train_loss", "val_gap_at_k"]),
             "model_dir": dg.MetadataValue.path(str(outcome.result.model_dir)),
             "mlflow_run_id": outcome.run_id,
             "mlflow_run": dg.MetadataValue.url(outcome.run_url),
@@ -210,8 +214,7 @@ def trained_model(
 def model_evaluation(project: ProjectResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """GAP@10, GAP, mAP and per-class AP on the test split, with plots; the gate is a blocking check: an
     absolute GAP@10 floor, and not below the current champion on the same split."""
-    mlflow.activate()
-    outcome = steps.evaluate_and_gate_step(project.params(), project.root_path)
+    outcome = steps.evaluate_and_gate_step(mlflow.track(project.load()))
     report, gate = outcome.report, outcome.gate
     per_class = [{"class": k, "ap": None if v is None else round(v, 4)} for k, v in report["per_class_ap"].items()]
     plots = report.get("plots", {})
@@ -245,8 +248,7 @@ def model_evaluation(project: ProjectResource, mlflow: MlflowResource) -> dg.Mat
 def registered_model(project: ProjectResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """The gated model in the MLflow registry as a pyfunc with a signature, tagged with its data version and gate
     result; alias `challenger` points at it. Promotion to `champion` is the promote job."""
-    mlflow.activate()
-    version = steps.register_step(project.params(), project.root_path)
+    version = steps.register_step(mlflow.track(project.load()))
     return dg.MaterializeResult(
         metadata={
             "registered_model": version.name,

@@ -8,16 +8,17 @@ import dagster as dg
 from mumic_dagster.jobs import retrain_job
 from mumic_dagster.resources import ProjectResource
 from mumic_ml.batches import LEDGER, discover_batches
-from mumic_ml.config import load_params
 from mumic_ml.io import read_json
 
-_PARAMS = load_params()
+# The schedule is fixed when the code location loads, from the project the default `project` resource names (the
+# working directory workspace.yaml gives); without its params.yaml the code location fails to load, by design.
+_SCHEDULE = ProjectResource().load().params.schedule
 
 retrain_schedule = dg.ScheduleDefinition(
     name="retrain_schedule",
     job=retrain_job,
-    cron_schedule=_PARAMS.schedule.retrain_cron,
-    execution_timezone=_PARAMS.schedule.timezone,
+    cron_schedule=_SCHEDULE.retrain_cron,
+    execution_timezone=_SCHEDULE.timezone,
     description="Periodic retraining on every batch so far (params.yaml: schedule.retrain_cron). Off until "
     "switched on in the UI (Automation tab) or with `dagster schedule start retrain_schedule`.",
 )
@@ -34,9 +35,9 @@ retrain_schedule = dg.ScheduleDefinition(
 )
 def new_data_sensor(context: dg.SensorEvaluationContext, project: ProjectResource) -> dg.SensorResult:
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    paths = project.paths()
-    ingested = ingested_fingerprints(paths.ingested)
-    batches = discover_batches(paths.incoming)
+    loaded = project.load()
+    ingested = ingested_fingerprints(loaded.ingested)
+    batches = discover_batches(loaded.incoming)
     new = {
         b.batch_id: b.fingerprint
         for b in batches

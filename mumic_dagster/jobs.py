@@ -25,10 +25,8 @@ class PromoteConfig(dg.Config):
 def promote_challenger(
     context: dg.OpExecutionContext, config: PromoteConfig, project: ProjectResource, mlflow: MlflowResource
 ) -> None:
-    mlflow.activate()
     outcome = steps.promote_step(
-        project.params(),
-        project.root_path,
+        mlflow.track(project.load()),
         version=config.version or None,
         force=config.force,
         rollback=config.rollback,

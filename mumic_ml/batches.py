@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from mumic_ml.ingest import IngestResult, ingest
-from mumic_ml.io import atomic_path, atomic_write_json, read_json, sha256_file
+from mumic_ml.io import atomic_path, atomic_write_json, file_digest, read_json
 from mumic_ml.manifest import ManifestError
 from mumic_ml.taxonomy import Taxonomy
 
@@ -79,7 +79,7 @@ def discover_batches(incoming: str | Path) -> list[Batch]:
             raise ManifestError(f"batch {folder} has more than one manifest: {[m.name for m in manifests]}")
         if not _BATCH_ID.match(folder.name):
             raise ManifestError(f"batch folder name {folder.name!r} must be letters, digits, '.', '_' or '-'")
-        batches.append(Batch(folder.name, folder, manifests[0], sha256_file(manifests[0])))
+        batches.append(Batch(folder.name, folder, manifests[0], file_digest(manifests[0])))
     return batches
 
 

@@ -1,7 +1,10 @@
 """`mumic`: one subcommand per pipeline step, each a thin call into the library.
 
 Every subcommand reads `params.yaml` (or `--params FILE`), accepts `--set key=value` overrides, and takes explicit
-paths that default to the `paths` section; DVC stages and the Dagster assets call the same functions.
+paths that default to the `paths` section; DVC stages and the Dagster assets call the same functions. The folder a
+command runs in is the project root that relative paths start from, so a missing parameter file is an error rather
+than a run on defaults. The commands that track, register or validate need the pipeline extra and say so, in one
+line, when it is not installed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, Params, load_params
+from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, load_params
+from mumic_ml.pipeline import INSTALL_EXTRA, missing_extra_module
+from mumic_ml.project import Project
 
 log = logging.getLogger("mumic")
 
@@ -34,20 +39,17 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
-def _params(args: argparse.Namespace) -> Params:
-    params = load_params(args.params)
-    return params.updated(_parse_overrides(args.set)) if args.set else params
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+def _project(args: argparse.Namespace) -> Project:
+    """The project in the current folder, with the parameter file and `--set` overrides the command was given."""
+    return Project(load_params(args.params), Path.cwd()).updated(_parse_overrides(args.set))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mumic_ml.demo_world import generate_demo_world
 
-    params = _params(args)
-    out = Path(args.out or params.paths.demo)
+    project = _project(args)
+    params = project.params
+    out = Path(args.out) if args.out else project.demo
     if args.keep_existing and (out / "world.json").is_file():
         print(f"demo world: kept the one already in {out}")
         return 0
@@ -68,10 +70,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from mumic_ml.steps import ingest_step
     from mumic_ml.taxonomy import load_taxonomy
 
-    params = _params(args)
+    project = _project(args)
+    params = project.params
     if args.manifest is None:
         overrides = {"paths.incoming": args.incoming, "paths.ingested": args.out, "paths.taxonomy": args.taxonomy}
-        batches = ingest_step(_with_paths(params, overrides))
+        batches = ingest_step(_with_paths(project, overrides))
         print(
             f"ingest: {len(batches.ingested)} new batch(es) {batches.ingested}, {len(batches.skipped)} unchanged; "
             f"{batches.n_images} images, {batches.n_rejected} rejected rows"
@@ -83,7 +86,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         result = ingest(
             args.manifest,
             args.images_root,
-            args.out or params.paths.ingested,
+            args.out or project.ingested,
             taxonomy=load_taxonomy(args.taxonomy) if args.taxonomy else None,
             max_side=params.ingest.max_side,
             min_side=params.ingest.min_side,
@@ -98,17 +101,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_paths(params: Params, overrides: dict[str, object]) -> Params:
+def _with_paths(project: Project, overrides: dict[str, object]) -> Project:
     """Apply the path flags a command was given (None: keep params.yaml's)."""
-    given = {key: str(value) for key, value in overrides.items() if value is not None}
-    return params.updated(given) if given else params
+    return project.updated({key: str(value) for key, value in overrides.items() if value is not None})
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from mumic_ml.steps import validate_step
 
-    params = _with_paths(_params(args), {"paths.ingested": args.ingested, "paths.taxonomy": args.taxonomy})
-    result = validate_step(params)
+    project = _with_paths(_project(args), {"paths.ingested": args.ingested, "paths.taxonomy": args.taxonomy})
+    result = validate_step(project)
     for outcome in result.outcomes:
         mark = "ok  " if outcome.success else ("FAIL" if outcome.blocking else "warn")
         print(f"  [{mark}] {outcome.name}: {outcome.description}")
@@ -122,17 +124,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from mumic_ml.steps import split_step, validate_splits_step
 
-    params = _with_paths(
-        _params(args), {"paths.splits": args.out, "paths.taxonomy": args.taxonomy, "paths.ingested": args.ingested}
+    project = _with_paths(
+        _project(args), {"paths.splits": args.out, "paths.taxonomy": args.taxonomy, "paths.ingested": args.ingested}
     )
-    report = split_step(params, reassign=args.reassign)
+    report = split_step(project, reassign=args.reassign)
     sizes = {name: info["n_images"] for name, info in report["splits"].items()}
-    print(f"split: {sizes} -> {params.paths.splits}")
+    print(f"split: {sizes} -> {project.params.paths.splits}")
     assignment = report["assignment"]
     dealt = assignment["new_per_split"]
     print(f"  {assignment['kept']} images kept their split, {assignment['new']} new dealt {dealt}", end="")
     print(f", {assignment['dropped']} no longer in the manifest" if assignment["dropped"] else "")
-    leakage = validate_splits_step(params)
+    leakage = validate_splits_step(project)
     if not leakage.success:
         for outcome in leakage.outcomes:
             if not outcome.success:
@@ -144,8 +146,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mumic_ml.steps import foundation_step
 
-    params = _with_paths(
-        _params(args),
+    project = _with_paths(
+        _project(args),
         {
             "paths.splits": args.splits,
             "paths.ingested": args.images_root,
@@ -154,7 +156,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             "paths.taxonomy": args.taxonomy,
         },
     )
-    outcome = foundation_step(params, force=args.force, progress=not args.no_progress)
+    outcome = foundation_step(project, force=args.force, progress=not args.no_progress)
     print(f"pretrain: {outcome.decision}")
     if outcome.pretrain is not None:
         record = outcome.pretrain
@@ -164,7 +166,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"pretrain: model.pretrained is {params.model.pretrained!r}, nothing to pretrain "
+            f"pretrain: model.pretrained is {project.params.model.pretrained!r}, nothing to pretrain "
             f"(set model.pretrained to '{DEMO_FOUNDATION}' for the demo foundation)"
         )
     print(f"  weights: {outcome.weights or 'random initialisation'}")
@@ -177,25 +179,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from mumic_ml.pretrain import export_zero_shot
-    from mumic_ml.steps import foundation_weights
 
-    params = _params(args)
-    weights = args.weights or foundation_weights(params)
+    project = _project(args)
+    weights = args.weights or project.foundation_weights()
     model_dir = export_zero_shot(
-        params,
-        taxonomy_path=Path(args.taxonomy or params.paths.taxonomy),
+        project.params,
+        taxonomy_path=Path(args.taxonomy) if args.taxonomy else project.taxonomy,
         backbone_weights=weights,
         model_dir=Path(args.model_dir),
     )
-    print(f"zero-shot: {params.model.backbone} from {weights}, no fine-tuning -> {model_dir}")
+    print(f"zero-shot: {project.params.model.backbone} from {weights}, no fine-tuning -> {model_dir}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mumic_ml.steps import train_step
 
-    params = _with_paths(
-        _params(args),
+    project = _with_paths(
+        _project(args),
         {
             "paths.splits": args.splits,
             "paths.ingested": args.images_root,
@@ -205,33 +206,51 @@ def cmd_train(args: argparse.Namespace) -> int:
             "paths.cache": args.cache_dir,
         },
     )
-    outcome = train_step(params, resume=args.resume, progress=not args.no_progress)
+    outcome = train_step(project, resume=args.resume, progress=not args.no_progress)
     result = outcome.result
     print(
         f"train: best epoch {result.best_epoch + 1} of {result.epochs_run}, "
-        f"val GAP@{params.evaluate.k} {result.best_val_gap_at_10:.4f} -> {result.model_dir}"
+        f"val GAP@{result.gap_k} {result.best_val_gap_at_k:.4f} -> {result.model_dir}"
     )
     print(f"  MLflow run {outcome.run_id}")
     return 0
 
 
+# What `evaluate` measures when not gating; `--gate` always measures the project's own model and test split.
+_EVALUATE_TARGET_FLAGS = {
+    "model": "--model",
+    "split": "--split",
+    "images_root": "--images-root",
+    "out": "--out",
+    "cache_dir": "--cache-dir",
+    "device": "--device",
+}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mumic_ml.evaluate import evaluate_model
 
-    params = _params(args)
+    project = _project(args)
     if args.gate:
-        return _evaluate_with_gate(params)
-    out = Path(args.out or params.paths.reports / "metrics.json")
+        given = [flag for dest, flag in _EVALUATE_TARGET_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise CommandError(
+                f"--gate measures the project's model (paths.model) on its test split and writes paths.reports, "
+                f"so it takes no {', '.join(given)}; use --set paths.<name>=... to point the project elsewhere"
+            )
+        return _evaluate_with_gate(project)
+    params = project.params
+    out = Path(args.out) if args.out else project.metrics
     report = evaluate_model(
-        Path(args.model or params.paths.model),
-        Path(args.split or params.paths.splits / "test.parquet"),
-        Path(args.images_root or params.paths.ingested),
+        Path(args.model) if args.model else project.model,
+        Path(args.split) if args.split else project.split("test"),
+        Path(args.images_root) if args.images_root else project.ingested,
         out,
-        cache_dir=Path(args.cache_dir or params.paths.cache),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else project.cache,
         k=params.evaluate.k,
         top_n_classes=params.evaluate.top_n_classes,
         batch_size=params.evaluate.batch_size,
-        device=args.device,
+        device=args.device or "cpu",
     )
     _print_report(report, out)
     return 0
@@ -251,11 +270,11 @@ def _print_report(report: dict, out: Path) -> None:
         )
 
 
-def _evaluate_with_gate(params: Params) -> int:
+def _evaluate_with_gate(project: Project) -> int:
     """The project's model on the test split, logged to its MLflow run, then the gate (exit 1 when it fails)."""
     from mumic_ml.steps import evaluate_and_gate_step
 
-    outcome = evaluate_and_gate_step(params)
+    outcome = evaluate_and_gate_step(project)
     _print_report(outcome.report, outcome.metrics_path)
     gate = outcome.gate
     if gate.champion_gap_at_10 is not None:
@@ -270,11 +289,11 @@ def _evaluate_with_gate(params: Params) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from mumic_ml.registry import RegistryError
+    from mumic_ml.pipeline.registry import RegistryError
     from mumic_ml.steps import register_step
 
     try:
-        info = register_step(_params(args))
+        info = register_step(_project(args))
     except RegistryError as exc:
         raise CommandError(str(exc)) from exc
     state = "registered" if info.created else "already registered"
@@ -283,11 +302,11 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from mumic_ml.registry import RegistryError
+    from mumic_ml.pipeline.registry import RegistryError
     from mumic_ml.steps import promote_step
 
     try:
-        outcome = promote_step(_params(args), version=args.version, force=args.force, rollback=args.rollback)
+        outcome = promote_step(_project(args), version=args.version, force=args.force, rollback=args.rollback)
     except RegistryError as exc:
         raise CommandError(str(exc)) from exc
     print(f"promote: {outcome.message}")
@@ -297,22 +316,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """What the last pipeline run produced, and where to look at it."""
     from mumic_ml.io import read_json
-    from mumic_ml.registry import current_champion
-    from mumic_ml.steps import ProjectPaths, combined_version, data_version, tracking_location
+    from mumic_ml.pipeline.registry import current_champion
+    from mumic_ml.pipeline.tracking import tracking_location
+    from mumic_ml.project import combined_version
 
-    params = _params(args)
-    paths = ProjectPaths(Path("."), params)
-    if not paths.metrics.is_file():
-        raise CommandError(f"no evaluation yet ({paths.metrics}); run the pipeline first (make demo)")
-    report = read_json(paths.metrics)
-    uri, _ = tracking_location(params, Path("."))
-    champion = current_champion(params.mlflow.registered_model, tracking_uri=uri)
-    registration = paths.reports / "registration.json"
+    project = _project(args)
+    if not project.metrics.is_file():
+        raise CommandError(f"no evaluation yet ({project.metrics}); run the pipeline first (make demo)")
+    report = read_json(project.metrics)
+    uri, _ = tracking_location(project)
+    champion = current_champion(project.params.mlflow.registered_model, tracking_uri=uri)
     print("MuMIC pipeline summary")
     print(f"  test split: GAP@10 {report['gap_at_10']:.4f}   GAP {report['gap']:.4f}   mAP {report['map_macro']:.4f}")
-    print(f"  data version: {combined_version(data_version(paths))} (md5 of the split files, as in dvc.lock)")
-    if registration.is_file():
-        reg = read_json(registration)
+    print(f"  data version: {combined_version(project.data_version())} (md5 of the split files, as in dvc.lock)")
+    if project.registration.is_file():
+        reg = read_json(project.registration)
         print(f"  registered: {reg['name']} version {reg['version']} (alias challenger), MLflow run {reg['run_id']}")
     print(f"  champion: {'none yet' if champion is None else f'version {champion.version}'}")
     print(f"  MLflow store: {uri}")
@@ -321,13 +339,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_model(model: str, params: Params) -> Path:
+def _resolve_model(model: str, project: Project) -> Path:
     """A local model directory, or an MLflow model URI resolved against the configured (default: local) store."""
     if "://" in model or model.startswith(("models:/", "runs:/")):
-        from mumic_ml.registry import RegistryError, resolve_model_uri
-        from mumic_ml.steps import tracking_location
+        from mumic_ml.pipeline.registry import RegistryError, resolve_model_uri
+        from mumic_ml.pipeline.tracking import tracking_location
 
-        uri, _ = tracking_location(params, Path("."))
+        uri, _ = tracking_location(project)
         try:
             return resolve_model_uri(model, tracking_uri=uri)
         except RegistryError as exc:
@@ -341,9 +359,10 @@ def _resolve_model(model: str, params: Params) -> Path:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mumic_ml.predict import Predictor
 
-    params = _params(args)
+    project = _project(args)
+    params = project.params
     predictor = Predictor.from_dir(
-        _resolve_model(args.model, params), device=args.device, batch_size=params.predict.batch_size
+        _resolve_model(args.model, project), device=args.device, batch_size=params.predict.batch_size
     )
     predictions = predictor.predict(
         args.images,
@@ -364,7 +383,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from mumic_ml.io import atomic_path
     from mumic_ml.predict import Predictor
 
-    predictor = Predictor.from_dir(_resolve_model(args.model, _params(args)), device=args.device)
+    predictor = Predictor.from_dir(_resolve_model(args.model, _project(args)), device=args.device)
     matrix, errors = predictor.embed(args.images)
     with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, matrix, allow_pickle=False)
@@ -467,11 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="folder the split paths are relative to (default: paths.ingested)")
     p.add_argument("--out", help="metrics JSON (default: paths.reports/metrics.json)")
     p.add_argument("--cache-dir", help="preprocessing cache (default: paths.cache)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="default: cpu")
     p.add_argument(
         "--gate",
         action="store_true",
-        help="the project's model (paths.model): log to its MLflow run, compare with the champion, exit 1 if it fails",
+        help="the project's model on its test split (none of the flags above): log to its MLflow run, compare with "
+        "the champion, exit 1 if it fails",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -526,6 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        missing = missing_extra_module(exc)
+        if missing is None:
+            raise
+        print(f"mumic {args.command} needs the pipeline extra: {INSTALL_EXTRA} (missing: {missing})", file=sys.stderr)
+        return 2
     except (
         CommandError,
         ConfigError,

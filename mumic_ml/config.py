@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 # `model.pretrained` value naming the project's own foundation: the checkpoint `mumic pretrain` writes under
-# `paths.foundation` (design section 6). Any other value is an open_clip tag or a checkpoint file.
+# `paths.foundation`. Any other value is an open_clip tag or a checkpoint file.
 DEMO_FOUNDATION = "demo-foundation"
 
 
@@ -29,7 +29,7 @@ class _Section(BaseModel):
 
 
 class DemoConfig(_Section):
-    """The procedural demo world (design section 6)."""
+    """The procedural demo world: the bundled stand-in for a labelled photo collection."""
 
     n_images: int = Field(3000, ge=10)
     image_size: int = Field(64, ge=16, le=1024)
@@ -225,6 +225,15 @@ class ExpectationsConfig(_Section):
     min_positives_per_class: int = Field(5, ge=0, description="Classes with fewer images are flagged.")
     min_positives_blocking: bool = Field(False, description="A rare class stops the run (default: a warning).")
 
+    @model_validator(mode="after")
+    def _label_range(self) -> ExpectationsConfig:
+        if self.min_labels_per_image > self.max_labels_per_image:
+            raise ValueError(
+                f"min_labels_per_image ({self.min_labels_per_image}) must not exceed "
+                f"max_labels_per_image ({self.max_labels_per_image})"
+            )
+        return self
+
 
 class GateConfig(_Section):
     """What a model must show on the test split before it is registered or promoted."""
@@ -234,7 +243,8 @@ class GateConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    """Embedded default store; the MLFLOW_TRACKING_URI environment variable wins over `tracking_uri`."""
+    """Embedded default store; the MLFLOW_TRACKING_URI environment variable, and before it a store the Dagster
+    `mlflow` resource names, win over `tracking_uri`."""
 
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: Path = Path("mlartifacts")
@@ -335,13 +345,12 @@ def params_from_dict(data: Any, source: str = "params") -> Params:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
-    """Load params.yaml; a missing file gives the defaults only when it is the default name."""
+def load_params(path: str | Path) -> Params:
+    """Load params.yaml. A missing file is an error, never the defaults: a command started outside the project
+    would otherwise train from random initialisation on a schedule nobody configured."""
     path = Path(path)
     if not path.exists():
-        if str(path) == DEFAULT_PARAMS_FILE:
-            return Params()
-        raise ConfigError(f"parameter file not found: {path}")
+        raise ConfigError(f"parameter file not found: {path.absolute()}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

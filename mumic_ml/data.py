@@ -7,7 +7,8 @@ the accelerator instead of in loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,18 @@ from mumic_ml.images import PreprocessCache
 
 # Below this many bytes a split is held in memory after the first pass; above it, items stream from the cache.
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
+# Stride between the parts of a built seed: within one run seed, epochs and batches below it never share a seed.
+SEED_STRIDE = 1_000_003
+
+
+def batch_seed(seed: int, epoch: int, *, batch: int | None = None) -> int:
+    """The random seed of an epoch's batch order, or of one batch's flips when `batch` is given.
+
+    A pure function of its arguments: a resumed run draws exactly the batches and flips of an uninterrupted one,
+    and pretraining with the same seed writes the same bytes. Changing it changes every seeded run's numbers.
+    """
+    epoch_seed = seed * SEED_STRIDE + epoch
+    return epoch_seed if batch is None else epoch_seed * SEED_STRIDE + batch
 
 
 def read_split(path: Path) -> pd.DataFrame:
@@ -32,6 +45,17 @@ def read_split(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
     return frame
+
+
+def data_fingerprint(frames: Mapping[str, pd.DataFrame]) -> str:
+    """Identifies the exact images and labels of every split, independent of file locations."""
+    digest = hashlib.sha256()
+    for name in sorted(frames):
+        frame = frames[name]
+        digest.update(name.encode())
+        for sha, labels in zip(frame["sha256"], frame["labels"]):
+            digest.update(f"{sha}:{'|'.join(sorted(labels))};".encode())
+    return digest.hexdigest()
 
 
 def label_matrix(label_lists: Sequence[Sequence[str]], class_names: Sequence[str]) -> np.ndarray:
@@ -91,7 +115,7 @@ def epoch_batches(
     when shuffling (training) so every step has the same shape, and kept otherwise (evaluation).
     """
     if shuffle:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(batch_seed(seed, epoch))
         order = torch.randperm(n_items, generator=generator).tolist()
     else:
         order = list(range(n_items))

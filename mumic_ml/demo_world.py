@@ -426,19 +426,3 @@ def load_demo_world(out_dir: str | Path) -> DemoWorld:
         class_names=tuple(meta["classes"]),
         held_out_classes=tuple(meta["held_out_classes"]),
     )
-
-
-def corrupt_labels(label_matrix: np.ndarray, *, missing_rate: float, spurious_rate: float, seed: int) -> np.ndarray:
-    """Simulate annotation noise in training labels: drop positives (the common kind) and add false ones."""
-    for name, rate in (("missing_rate", missing_rate), ("spurious_rate", spurious_rate)):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
-    labels = np.asarray(label_matrix)
-    if labels.ndim != 2:
-        raise ValueError(f"label_matrix must be 2-D (images x classes), got shape {labels.shape}")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("label_matrix must contain only 0 and 1")
-    positive = labels.astype(bool)
-    draws = np.random.default_rng(seed).random(labels.shape)
-    noisy = np.where(positive, draws >= missing_rate, draws < spurious_rate)
-    return noisy.astype(labels.dtype)

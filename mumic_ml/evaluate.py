@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, label_matrix, read_split
 from mumic_ml.images import PreprocessCache
-from mumic_ml.io import atomic_write_json, sha256_file
+from mumic_ml.io import atomic_write_json, file_digest
 from mumic_ml.metrics import (
     evaluation_report,
     gap_at_k,
@@ -98,7 +98,7 @@ def evaluate_model(
     if held_out and loaded.supports_zero_shot:
         report["zero_shot"] = zero_shot_report(loaded, dataset, preparer, frame, held_out, batch_size=batch_size, k=k)
     report["split"] = str(split_path)
-    report["split_sha256"] = sha256_file(split_path)
+    report["split_sha256"] = file_digest(split_path)
     report["model_dir"] = str(model_dir)
     if plots_dir is not None:
         report["plots"] = _write_plots(report, probs, targets, loaded.class_names, Path(plots_dir))

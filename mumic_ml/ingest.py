@@ -361,9 +361,3 @@ def _prune_images(images_dir: Path, keep: set[str | None]) -> None:
         match = _STORED_IMAGE.fullmatch(entry.name)
         if match and (match.group(1) or entry.name[:64] not in keep):
             entry.unlink(missing_ok=True)
-
-
-def summarise_rejections(rejected_csv: str | os.PathLike) -> dict[str, int]:
-    """Count of rejected rows per reason code, most frequent first."""
-    with open(rejected_csv, encoding="utf-8", newline="") as fh:
-        return dict(Counter(record["reason"] for record in csv.DictReader(fh)).most_common())

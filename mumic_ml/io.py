@@ -89,13 +89,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Content hash of a file, read in chunks (manifests and split files can be large)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks (manifests and split files can be large).
+
+    sha256 names content (images, manifests, weights); md5 is what DVC records for a file, so the data version and
+    the foundation report use it where they sit beside DVC's own hashes.
+    """
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -103,32 +102,3 @@ def asymmetric_loss(
         return loss.mean()
     return loss
 
-
-class TemperedSigmoidBCELoss(nn.Module):
-    """MuMIC's loss as a module over normalised embeddings.
-
-    `get_logits` is split from the reduction so that evaluation and prediction compute scores the same way the
-    loss sees them.
-    """
-
-    @staticmethod
-    def get_logits(
-        image_features: torch.Tensor,
-        class_features: torch.Tensor,
-        log_inv_temperature: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        similarity = image_features @ class_features.T
-        logits = similarity * log_inv_temperature.exp()
-        return logits if bias is None else logits + bias
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        class_features: torch.Tensor,
-        log_inv_temperature: torch.Tensor,
-        targets: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        logits = self.get_logits(image_features, class_features, log_inv_temperature, bias)
-        return binary_cross_entropy(logits, targets)

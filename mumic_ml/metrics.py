@@ -1,4 +1,4 @@
-"""Ranking and threshold metrics for multi-label scores (DESIGN.md section 3), in plain numpy.
+"""Ranking and threshold metrics for multi-label scores (GAP@k, mAP, per-class AP, P/R/F1), in plain numpy.
 
 All functions take `scores` and `targets` as N x C arrays (N images, C classes). Scores may be float32 or float64
 and keep their dtype: every step compares or sorts score values and never does arithmetic on them, so the result
@@ -295,7 +295,7 @@ def evaluation_report(
     top_n: int | None = None,
     thresholds=None,
 ) -> dict:
-    """Every metric of DESIGN.md section 3 in one JSON-ready dict (plain floats, None for undefined values).
+    """Every metric of this module in one JSON-ready dict (plain floats, None for undefined values).
 
     `gap_at_10` is always present because the evaluation gate and the CLI contract rely on it; `gap_at_{k}` is
     added for another k. Threshold metrics appear only when thresholds (tuned on validation data) are given.

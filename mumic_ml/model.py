@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mumic_ml.taxonomy import class_prompts
-
 
 @dataclass
 class ClassifierOutput:
@@ -224,7 +222,3 @@ def _embed_dim(clip: nn.Module) -> int:
     if isinstance(projection, torch.Tensor):
         return int(projection.shape[-1])
     return int(clip.visual.output_dim)
-
-
-def default_class_prompts(names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
-    return [class_prompts(name, templates) for name in names]

@@ -1,4 +1,4 @@
-"""Contrastive image-caption pretraining: the demo world's own foundation model (DESIGN.md section 6).
+"""Contrastive image-caption pretraining: the demo world's own foundation model, and when to reuse it.
 
 Real CLIP weights cannot be fetched here, so `pretrain` trains the configured open_clip architecture from random
 initialisation the way CLIP was trained, on the train split's images and captions, and writes the open_clip state
@@ -7,7 +7,10 @@ checkpoint loader, exactly like downloaded weights, so fine-tuning and zero-shot
 code path a real user's CLIP takes.
 
 `export_zero_shot` turns a backbone, pretrained or not, into a MuMIC model directory without any training: the
-class matrix comes from the text tower alone, which is the zero-shot CLIP baseline of DESIGN.md section 2.
+class matrix comes from the text tower alone, which is the zero-shot CLIP baseline that fine-tuning must beat.
+
+`pretrain_decision` says whether the foundation step must pretrain again or may reuse the checkpoint it has (as a
+downloaded CLIP would be reused), and `foundation_seen_images` what a model fine-tuned from it has already seen.
 """
 
 from __future__ import annotations
@@ -32,21 +35,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mumic_ml.backbone import create_backbone
-from mumic_ml.config import ContrastiveLoss, Head, Params
-from mumic_ml.data import CachedImageDataset, ImagePreparer, epoch_batches, read_split
+from mumic_ml.config import DEMO_FOUNDATION, ContrastiveLoss, FoundationRefresh, Head, Params, PretrainConfig
+from mumic_ml.data import CachedImageDataset, ImagePreparer, batch_seed, data_fingerprint, epoch_batches, read_split
 from mumic_ml.images import PreprocessCache
-from mumic_ml.io import atomic_path, atomic_write_json
+from mumic_ml.io import atomic_path, atomic_write_json, read_json
 from mumic_ml.model import encode_text, tokenize_prompts
 from mumic_ml.model_io import build_classifier, save_model_dir
-from mumic_ml.taxonomy import load_taxonomy
-from mumic_ml.train import (
-    Stepper,
-    autocast_and_scaler,
-    data_fingerprint,
-    lr_factor,
-    resolve_device,
-    training_classes,
-)
+from mumic_ml.optim import LrSchedule, Stepper
+from mumic_ml.runtime import autocast_and_scaler, resolve_device
+from mumic_ml.taxonomy import load_taxonomy, training_classes
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +172,81 @@ def retrieval_top1(
     return float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
 
 
+def _contrastive_epoch(
+    task: ContrastiveTask,
+    stepper: Stepper,
+    schedule: LrSchedule,
+    preparer: ImagePreparer,
+    images: CachedImageDataset,
+    tokens: torch.Tensor,
+    *,
+    cfg: PretrainConfig,
+    epoch: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """One epoch of contrastive steps; its history entry, which validation completes."""
+    batches = epoch_batches(len(images), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+    loader = DataLoader(_IndexedImages(images), batch_sampler=batches)
+    losses: list[torch.Tensor] = []
+    report: dict[str, Any] = {}
+    started = time.perf_counter()
+    for batch_index, (pixels, index) in enumerate(
+        tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)
+    ):
+        flips = None
+        if cfg.hflip:
+            flips = torch.Generator().manual_seed(batch_seed(cfg.seed, epoch, batch=batch_index))
+        loss, report = stepper.backward(preparer(pixels, flips), tokens[index].to(preparer.device))
+        # Every epoch has the same number of steps: incomplete batches are dropped.
+        stepper.update(schedule(epoch * len(batches) + batch_index))
+        with torch.no_grad():
+            task.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses.append(loss)
+    elapsed = time.perf_counter() - started
+    train_loss = float(torch.stack(losses).mean())
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"pretraining diverged in epoch {epoch + 1} (loss {train_loss}); lower pretrain.lr")
+    entry = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "logit_scale": float(report["logit_scale"]),
+        "images_per_second": len(batches) * cfg.batch_size / max(elapsed, 1e-9),
+    }
+    if "logit_bias" in report:
+        entry["logit_bias"] = float(report["logit_bias"])
+    return entry
+
+
+def _save_foundation(
+    task: ContrastiveTask,
+    result: PretrainResult,
+    *,
+    params: Params,
+    precision_used: str,
+    device: torch.device,
+    train_frame: pd.DataFrame,
+) -> None:
+    """The open_clip state dict, and beside it the record the foundation step and fine-tuning read."""
+    with atomic_path(result.out_path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in task.clip.state_dict().items()}, tmp)
+    atomic_write_json(
+        result.meta_path,
+        {
+            **asdict(result),
+            "out_path": str(result.out_path),
+            "meta_path": str(result.meta_path),
+            "backbone": params.model.backbone,
+            "pretrain": params.pretrain.recipe(),
+            "precision": precision_used,
+            "device": str(device),
+            "train_images": len(train_frame),
+            # What fine-tuning from these weights has already seen: the gate keeps such images out of any test.
+            "seen_images": sorted(train_frame["sha256"]),
+            "captions_from": "caption column" if "caption" in train_frame.columns else "labels",
+        },
+    )
+
+
 def pretrain(
     params: Params,
     *,
@@ -220,85 +292,39 @@ def pretrain(
     preparer = ImagePreparer(backbone.image_norm, device)
     stepper = Stepper(task, optimizer, autocast, scaler, grad_clip_norm=cfg.grad_clip_norm)
     steps_per_epoch = len(epoch_batches(len(sets["train"]), cfg.batch_size, seed=cfg.seed, epoch=0))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(cfg.warmup_fraction * total_steps)
+    schedule = LrSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction, cfg.min_lr_fraction)
 
     history: list[dict[str, Any]] = []
-    step = 0
     started_all = time.perf_counter()
     task.train()
     for epoch in range(cfg.epochs):
-        batches = epoch_batches(len(sets["train"]), cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        loader = DataLoader(_IndexedImages(sets["train"]), batch_sampler=batches)
-        losses: list[torch.Tensor] = []
-        report: dict[str, Any] = {}
-        started = time.perf_counter()
-        for batch_index, (images, index) in enumerate(
-            tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False)
-        ):
-            flips = None
-            if cfg.hflip:
-                flips = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + batch_index)
-            loss, report = stepper.backward(preparer(images, flips), tokens["train"][index].to(device))
-            stepper.update(lr_factor(step, total_steps, warmup_steps, cfg.min_lr_fraction))
-            with torch.no_grad():
-                task.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(loss)
-            step += 1
-        elapsed = time.perf_counter() - started
-        train_loss = float(torch.stack(losses).mean())
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"pretraining diverged in epoch {epoch + 1} (loss {train_loss}); lower pretrain.lr"
-            )
-        val_top1 = retrieval_top1(task, sets["val"], tokens["val"], captions["val"], preparer, autocast)
-        entry = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_retrieval_top1": val_top1,
-            "logit_scale": float(report["logit_scale"]),
-            "images_per_second": len(batches) * cfg.batch_size / max(elapsed, 1e-9),
-        }
-        if "logit_bias" in report:
-            entry["logit_bias"] = float(report["logit_bias"])
+        entry = _contrastive_epoch(
+            task, stepper, schedule, preparer, sets["train"], tokens["train"], cfg=cfg, epoch=epoch, progress=progress
+        )
+        entry["val_retrieval_top1"] = retrieval_top1(
+            task, sets["val"], tokens["val"], captions["val"], preparer, autocast
+        )
         history.append(entry)
         log.info(
             "pretrain epoch %d: loss %.4f  val image->caption top-1 %.3f  logit scale %.1f  %.0f img/s",
             epoch + 1,
             entry["train_loss"],
-            val_top1,
+            entry["val_retrieval_top1"],
             entry["logit_scale"],
             entry["images_per_second"],
         )
-    seconds = time.perf_counter() - started_all
-
-    with atomic_path(out_path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in task.clip.state_dict().items()}, tmp)
     result = PretrainResult(
         out_path=out_path,
         meta_path=meta_path,
         epochs=cfg.epochs,
         final_loss=history[-1]["train_loss"],
         val_retrieval_top1=history[-1]["val_retrieval_top1"],
-        seconds=seconds,
+        seconds=time.perf_counter() - started_all,
         history=history,
         data_fingerprint=fingerprint,
     )
-    atomic_write_json(
-        meta_path,
-        {
-            **asdict(result),
-            "out_path": str(out_path),
-            "meta_path": str(meta_path),
-            "backbone": params.model.backbone,
-            "pretrain": cfg.recipe(),
-            "precision": precision_used,
-            "device": str(device),
-            "train_images": len(sets["train"]),
-            # What fine-tuning from these weights has already seen: the gate keeps such images out of any test.
-            "seen_images": sorted(frames["train"]["sha256"]),
-            "captions_from": "caption column" if "caption" in frames["train"].columns else "labels",
-        },
+    _save_foundation(
+        task, result, params=params, precision_used=precision_used, device=device, train_frame=frames["train"]
     )
     return result
 
@@ -334,3 +360,40 @@ def export_zero_shot(
         thresholds=None,
         metadata={"zero_shot": True, "pretrained": weights, "held_out_classes": held_out, "epochs_run": 0},
     )
+
+
+# --- reusing the demo foundation ----------------------------------------------------------------------------------
+
+
+def checkpoint_record_path(checkpoint: Path) -> Path:
+    """The JSON record `pretrain` writes beside a checkpoint: recipe, data fingerprint, the images it saw."""
+    return checkpoint.with_name(checkpoint.name + ".json")
+
+
+def pretrain_decision(checkpoint: Path, params: Params, fingerprint: str, force: bool) -> str | None:
+    """Why the demo foundation must be pretrained now, or None to reuse the checkpoint (`pretrain.refresh`)."""
+    record_path = checkpoint_record_path(checkpoint)
+    refresh = params.pretrain.refresh
+    if force:
+        return "asked to (--force)"
+    if not checkpoint.is_file() or not record_path.is_file():
+        return "no foundation checkpoint yet"
+    if refresh is FoundationRefresh.ALWAYS:
+        return "pretrain.refresh is always"
+    record = read_json(record_path)
+    if record.get("backbone") != params.model.backbone or record.get("pretrain") != params.pretrain.recipe():
+        return "model.backbone or the pretrain recipe changed"
+    if refresh is FoundationRefresh.DATA and record.get("data_fingerprint") != fingerprint:
+        return "the train or val split changed (pretrain.refresh: data)"
+    return None
+
+
+def foundation_seen_images(params: Params, checkpoint: Path) -> list[str]:
+    """The images the demo foundation at `checkpoint` was pretrained on (none for other weights): a model
+    fine-tuned from it has seen them too."""
+    if params.model.pretrained != DEMO_FOUNDATION:
+        return []
+    record_path = checkpoint_record_path(checkpoint)
+    if not record_path.is_file():
+        return []
+    return list(read_json(record_path).get("seen_images", []))

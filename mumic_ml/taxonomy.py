@@ -134,6 +134,20 @@ class Taxonomy:
         return cls(tuple(ClassSpec(n) for n in names), tuple(prompts))
 
 
+def training_classes(taxonomy: Taxonomy, held_out: Sequence[str]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Names and prompts of the classes a model learns, and the canonical names of those held out for zero-shot."""
+    held = []
+    for name in held_out:
+        canonical = taxonomy.canonical(name)
+        if canonical is None:
+            raise ValueError(f"train.held_out_classes names {name!r}, which is not in the taxonomy")
+        held.append(canonical)
+    kept = [spec for spec in taxonomy.classes if spec.name not in held]
+    if not kept:
+        raise ValueError("train.held_out_classes removes every class")
+    return [s.name for s in kept], [taxonomy.prompts_for(s) for s in kept], held
+
+
 def class_prompts(name: str, templates: Sequence[str], description: str | None = None) -> list[str]:
     """The texts that describe one class: every template filled with its name, plus its description."""
     texts = [t.format(name) if "{}" in t else t for t in templates]

@@ -1,12 +1,19 @@
 """The `mumic` CLI end to end on a tiny generated world, plus its error contract."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from mumic_ml.cli import main
+from mumic_ml.pipeline import EXTRA_MODULES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +161,70 @@ def test_embed_exports_normalised_vectors(pipeline):
     ],
 )
 def test_errors_exit_non_zero_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_command_outside_the_project_names_the_missing_params_yaml(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    assert f"parameter file not found: {tmp_path / 'params.yaml'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--model", "m"], ["--split", "s.parquet"], ["--out", "o.json"], ["--device", "cpu"]])
+def test_evaluate_gate_refuses_the_flags_it_would_ignore(flag, capsys, tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--gate", *flag]) == 2
+    err = capsys.readouterr().err
+    assert "--gate measures the project's model" in err and f"takes no {flag[0]}" in err
+
+
+@pytest.fixture
+def plain_install(monkeypatch):
+    """As after `pip install mumic` without the pipeline extra: none of its packages can be imported, nor the
+    modules of mumic_ml.pipeline that import them."""
+    for name in [name for name in sys.modules if name.startswith("mumic_ml.pipeline.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in EXTRA_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["validate"], "great_expectations"),
+        (["train"], "mlflow"),
+        (["evaluate", "--gate"], "mlflow"),
+        (["register"], "mlflow"),
+        (["promote"], "mlflow"),
+        (["status"], "mlflow"),
+        (["predict", "--model", "models:/mumic@champion", "x.png"], "mlflow"),
+    ],
+)
+def test_a_command_that_needs_the_pipeline_extra_says_so_in_one_line(
+    argv, missing, plain_install, capsys, tmp_path, monkeypatch
+):
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    expected = f"mumic {argv[0]} needs the pipeline extra: pip install 'mumic[pipeline]' (missing: {missing})\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_the_core_imports_without_the_pipeline_extra():
+    """Every module of mumic_ml outside mumic_ml.pipeline imports in a process where the extra's packages cannot."""
+    core = sorted(path.stem for path in (REPO / "mumic_ml").glob("*.py") if path.stem != "__main__")
+    script = (
+        "import importlib, sys\n"
+        f"for name in {sorted(EXTRA_MODULES)!r}: sys.modules[name] = None\n"
+        f"for name in {core!r}: importlib.import_module('mumic_ml.' + name)\n"
+        "import mumic_ml.pipeline\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_predictor_accepts_raw_bytes_and_thresholds(pipeline):

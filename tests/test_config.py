@@ -64,6 +64,13 @@ def test_params_are_frozen():
         Params().train.epochs = 3  # type: ignore[misc]
 
 
+def test_a_missing_params_yaml_is_an_error_naming_it_not_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="parameter file not found") as exc:
+        load_params("params.yaml")
+    assert str(tmp_path / "params.yaml") in str(exc.value)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")

@@ -18,7 +18,6 @@ from mumic_ml.demo_world import (
     HELD_OUT_CLASSES,
     SHAPE_PLURALS,
     caption_for,
-    corrupt_labels,
     generate_demo_world,
     labels_for,
     load_demo_world,
@@ -233,47 +232,3 @@ def test_refuses_to_replace_a_folder_that_is_not_a_world(tmp_path):
     with pytest.raises(FileExistsError):
         generate_demo_world(tmp_path / "photos", n_images=2)
     assert (tmp_path / "photos" / "keep.jpg").read_bytes() == b"mine"
-
-
-def test_corrupt_labels_rates():
-    rng = np.random.default_rng(0)
-    clean = (rng.random((400, 250)) < 0.2).astype(np.float32)
-    noisy = corrupt_labels(clean, missing_rate=0.3, spurious_rate=0.05, seed=1)
-    assert noisy.dtype == clean.dtype and noisy.shape == clean.shape
-    assert set(np.unique(noisy)) <= {0.0, 1.0}
-    positives, negatives = clean == 1, clean == 0
-    assert abs((noisy[positives] == 0).mean() - 0.3) < 0.01
-    assert abs((noisy[negatives] == 1).mean() - 0.05) < 0.005
-
-
-def test_corrupt_labels_is_deterministic_and_leaves_input_alone():
-    clean = np.eye(30, dtype=np.int64)
-    before = clean.copy()
-    a = corrupt_labels(clean, missing_rate=0.5, spurious_rate=0.1, seed=3)
-    b = corrupt_labels(clean, missing_rate=0.5, spurious_rate=0.1, seed=3)
-    c = corrupt_labels(clean, missing_rate=0.5, spurious_rate=0.1, seed=4)
-    assert np.array_equal(clean, before)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert a is not clean and a.dtype == np.int64
-
-
-def test_corrupt_labels_without_spurious_rate_only_removes():
-    clean = np.random.default_rng(2).random((200, 40)) < 0.3
-    noisy = corrupt_labels(clean, missing_rate=0.2, spurious_rate=0.0, seed=0)
-    assert noisy.dtype == np.bool_
-    assert not (noisy & ~clean).any()
-    assert np.array_equal(corrupt_labels(clean, missing_rate=0.0, spurious_rate=0.0, seed=0), clean)
-
-
-@pytest.mark.parametrize(
-    ("missing", "spurious"), [(-0.1, 0.0), (1.0, 0.0), (0.0, 1.0), (0.0, -0.5), (float("nan"), 0.0)]
-)
-def test_corrupt_labels_rejects_bad_rates(missing, spurious):
-    with pytest.raises(ValueError):
-        corrupt_labels(np.zeros((3, 3)), missing_rate=missing, spurious_rate=spurious, seed=0)
-
-
-@pytest.mark.parametrize("matrix", [np.zeros(5), np.full((2, 2), 0.5)])
-def test_corrupt_labels_rejects_bad_matrices(matrix):
-    with pytest.raises(ValueError):
-        corrupt_labels(matrix, missing_rate=0.1, spurious_rate=0.1, seed=0)

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from repo_copy import BIN, REPO, copy_repository, run_as_written  # noqa: E402
 
 from mumic_ml import steps  # noqa: E402
-from mumic_ml.config import load_params  # noqa: E402
+from mumic_ml.io import file_digest  # noqa: E402
+from mumic_ml.project import DVC_DIGEST, SPLITS, Project  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -75,15 +76,13 @@ def locked_md5s(root: Path) -> dict[str, str]:
 
 def test_lock_records_the_split_md5s_that_the_dagster_step_reports(project):
     locked = locked_md5s(project)
-    for name in steps.SPLITS:
+    for name in SPLITS:
         path = f"data/splits/{name}.parquet"
-        assert locked[path] == steps.md5_file(project / path)
+        assert locked[path] == file_digest(project / path, DVC_DIGEST)
     # The split asset's own step, run again in the same repository, reproduces the files byte for byte.
-    params = load_params(project / "params.yaml")
-    report = steps.split_step(params, project)
-    assert steps.dvc_lock_matches(steps.ProjectPaths(project, params), report["md5"]) == dict.fromkeys(
-        steps.SPLITS, True
-    )
+    loaded = Project.load(project)
+    report = steps.split_step(loaded)
+    assert loaded.dvc_lock_matches(report["md5"]) == dict.fromkeys(SPLITS, True)
 
 
 def test_metrics_and_plots_render(project, tmp_path):
@@ -114,7 +113,8 @@ def test_training_started_from_the_demo_foundation_of_the_pretrain_stage(project
     assert foundation["pretrained"] == "demo-foundation" and foundation["source"] == "pretrained"
     assert 0.0 <= foundation["zero_shot_test"]["gap_at_10"] <= 1.0
     model = json.loads((project / "models" / "mumic" / "model.json").read_text())
-    assert model["metadata"]["pretrained"] == foundation["weights"] == "models/foundation/mumic-tiny.safetensors"
+    checkpoint = str(project.resolve() / "models" / "foundation" / "mumic-tiny.safetensors")
+    assert model["metadata"]["pretrained"] == foundation["weights"] == checkpoint
     assert "models/foundation" in locked_md5s(project)
 
 
@@ -131,17 +131,17 @@ def test_push_then_pull_restores_outputs_from_the_local_remote(project):
     test_split.unlink()
     shutil.rmtree(project / ".dvc" / "cache")
     dvc(project, "pull")
-    assert steps.md5_file(test_split) == locked_md5s(project)["data/splits/test.parquet"]
+    assert file_digest(test_split, DVC_DIGEST) == locked_md5s(project)["data/splits/test.parquet"]
     assert json.loads(dvc(project, "status", "--json")) == {}
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): steps.md5_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): file_digest(p, DVC_DIGEST) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_new_batch_keeps_every_image_in_its_split_and_reuses_the_foundation(project):
     splits = project / "data" / "splits"
-    before = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in steps.SPLITS}
+    before = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in SPLITS}
     foundation = (project / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes()
     mumic = subprocess.run(
         [str(BIN / "mumic"), "demo-data", "--first-index", "60", "--n-images", "30", "--out", "data/incoming/more"],
@@ -152,10 +152,10 @@ def test_a_new_batch_keeps_every_image_in_its_split_and_reuses_the_foundation(pr
     )
     assert mumic.returncode == 0, mumic.stderr
     make_repro(project)
-    after = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in steps.SPLITS}
-    for name in steps.SPLITS:
+    after = {name: set(pd.read_parquet(splits / f"{name}.parquet")["sha256"]) for name in SPLITS}
+    for name in SPLITS:
         assert before[name] <= after[name]
-    assert sum(len(after[name] - before[name]) for name in steps.SPLITS) == 30
+    assert sum(len(after[name] - before[name]) for name in SPLITS) == 30
     report = json.loads((project / "models" / "foundation" / "foundation.json").read_text())
     assert report["source"] == "cached" and "data has changed" in report["decision"]
     assert (project / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes() == foundation

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values, a loop-by-loop reference and scikit-learn (DESIGN.md section 7: 1e-9)."""
+"""Metrics against hand-computed values, a loop-by-loop reference and scikit-learn (agreement within 1e-9)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ registered and promotable model, and a model that fails the gate is never regist
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -22,6 +24,7 @@ from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectReso
 from mumic_ml import steps  # noqa: E402
 from mumic_ml.config import load_params  # noqa: E402
 from mumic_ml.demo_world import generate_demo_world  # noqa: E402
+from mumic_ml.project import Project, combined_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_NAMES = {
@@ -106,6 +109,54 @@ def test_schedule_requests_a_retrain_run():
     assert (requests[0].job_name or retrain_schedule.job_name) == "retrain_job"
 
 
+def test_the_code_location_refuses_to_load_without_the_projects_params_yaml(tmp_path):
+    """The schedule's cron comes from the project's params.yaml when Dagster loads the code location; without the
+    file the load fails and names it, instead of scheduling the default cron."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mumic_dagster.definitions"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert f"parameter file not found: {tmp_path / 'params.yaml'}" in proc.stderr
+
+
+def test_the_mlflow_resource_sends_the_run_to_its_store_and_leaves_the_environment_alone(tiny_world, tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["pretrained"] = None
+    params["train"].update(epochs=1, batch_size=16, early_stopping_patience=None)
+    for key in ("ingested", "splits", "taxonomy", "cache"):
+        params["paths"][key] = str(getattr(tiny_world, key))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "chosen").mkdir()
+    chosen = f"sqlite:///{tmp_path / 'chosen' / 'mlflow.db'}"
+    # Training itself sets torch's own variables; what must not move is MLflow's configuration.
+    mlflow_environment = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+
+    result = dg.materialize(
+        dg.load_assets_from_modules([assets]),
+        resources={
+            "project": ProjectResource(root=str(root)),
+            "mlflow": MlflowResource(tracking_uri=chosen),
+            "compute": ComputeResource(device="cpu"),
+        },
+        selection=["trained_model"],
+        raise_on_error=False,
+    )
+    assert result.success, [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")} == mlflow_environment
+    event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["trained_model"])
+    run_id = event.materialization.metadata["mlflow_run_id"].value
+    run = MlflowClient(chosen).get_run(run_id)
+    assert run.info.artifact_uri.startswith((tmp_path / "chosen" / "mlartifacts").as_uri())
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+
+
 def test_sensor_fires_once_per_new_batch(tmp_path):
     root = make_project(tmp_path / "p", {"demo": {"n_images": 12}})
     project = ProjectResource(root=str(root))
@@ -129,7 +180,7 @@ def sensor_tick(project: ProjectResource, cursor: str | None) -> dg.SensorResult
 def test_sensor_skips_batches_already_ingested_even_with_an_empty_cursor(tmp_path):
     # As after `make demo`: its run ingested the demo batch, then the sensor is switched on with no cursor.
     root = make_project(tmp_path / "p", {"demo": {"n_images": 12}})
-    steps.ingest_step(load_params(root / "params.yaml"), root)
+    steps.ingest_step(Project.load(root))
     project = ProjectResource(root=str(root))
     fresh = sensor_tick(project, cursor=None)
     assert not fresh.run_requests and fresh.skip_reason is not None
@@ -160,13 +211,12 @@ def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
     client = MlflowClient(tracking_store)
     version = client.get_model_version_by_alias("mumic", "challenger")
     assert int(version.version) == 1
-    params = load_params(root / "params.yaml")
-    split_md5 = steps.data_version(steps.ProjectPaths(root, params))
-    assert version.tags["data_version"] == steps.combined_version(split_md5)
+    split_md5 = Project.load(root).data_version()
+    assert version.tags["data_version"] == combined_version(split_md5)
     assert version.tags["gate_passed"] == "True"
     run = client.get_run(version.run_id)
-    assert run.data.tags["data_version"] == steps.combined_version(split_md5)
-    assert "val_gap_at_10" in run.data.metrics and "test_gap_at_10" in run.data.metrics
+    assert run.data.tags["data_version"] == combined_version(split_md5)
+    assert "val_gap_at_k" in run.data.metrics and "test_gap_at_10" in run.data.metrics
 
     image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))
     model = mlflow.pyfunc.load_model("models:/mumic@challenger")
@@ -178,8 +228,7 @@ def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
 @pytest.mark.slow
 def test_promote_then_a_broken_model_fails_the_gate_and_is_not_registered(pipeline_run, tracking_store):
     root, _ = pipeline_run
-    params = load_params(root / "params.yaml")
-    promoted = steps.promote_step(params, root)
+    promoted = steps.promote_step(Project.load(root))
     assert promoted.moved and promoted.champion_version == 1
     champion = mlflow.pyfunc.load_model("models:/mumic@champion")
     image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))

@@ -14,7 +14,8 @@ from mumic_ml.config import DEMO_FOUNDATION, ConfigError, Params, params_from_di
 from mumic_ml.evaluate import evaluate_model
 from mumic_ml.model_io import load_model_dir
 from mumic_ml.pretrain import export_zero_shot, label_caption, pretrain
-from mumic_ml.steps import foundation_step, foundation_weights
+from mumic_ml.project import Project
+from mumic_ml.steps import foundation_step
 
 FAST = {"pretrain.batch_size": 16, "pretrain.epochs": 1, "pretrain.device": "cpu"}
 
@@ -152,9 +153,9 @@ def test_zero_shot_needs_the_mumic_head(tiny_world, tmp_path):
         export_zero_shot(params, taxonomy_path=tiny_world.taxonomy, backbone_weights=None, model_dir=tmp_path / "zs")
 
 
-def _project_params(world, tmp_path, **overrides):
-    """Params whose paths point into the tiny world, with the demo foundation written under tmp_path."""
-    return _params(
+def _project(world, tmp_path, **overrides) -> Project:
+    """A project whose paths point into the tiny world, with the demo foundation written under tmp_path."""
+    params = _params(
         **{
             "model.pretrained": DEMO_FOUNDATION,
             "train.held_out_classes": ["red triangle"],
@@ -166,14 +167,15 @@ def _project_params(world, tmp_path, **overrides):
             **overrides,
         }
     )
+    return Project(params, tmp_path)
 
 
 def test_foundation_step_pretrains_once_then_reuses_until_config_or_data_change(tiny_world, tmp_path, monkeypatch):
-    params = _project_params(tiny_world, tmp_path)
-    first = foundation_step(params, progress=False)
+    project = _project(tiny_world, tmp_path)
+    first = foundation_step(project, progress=False)
     checkpoint = tmp_path / "foundation" / "mumic-tiny.safetensors"
     assert first.source == "pretrained" and first.weights == str(checkpoint)
-    assert foundation_weights(params) == str(checkpoint)
+    assert project.foundation_weights() == str(checkpoint)
     assert 0.0 <= first.zero_shot["gap_at_10"] <= 1.0
     assert first.zero_shot["held_out"]["classes"] == ["red triangle"]
     report = json.loads(first.report_path.read_text())
@@ -186,36 +188,36 @@ def test_foundation_step_pretrains_once_then_reuses_until_config_or_data_change(
         "mumic_ml.pretrain.export_zero_shot", lambda *a, **k: exports.append(k) or export_zero_shot(*a, **k)
     )
     written = checkpoint.read_bytes()
-    cached = foundation_step(params, progress=False)
+    cached = foundation_step(project, progress=False)
     assert cached.source == "cached" and not pretrain_calls
     assert cached.zero_shot == first.zero_shot and not exports  # same weights, data and config: not measured again
     assert checkpoint.read_bytes() == written
-    assert foundation_step(params.updated({"train.held_out_classes": []}), progress=False).source == "cached"
+    assert foundation_step(project.updated({"train.held_out_classes": []}), progress=False).source == "cached"
     assert len(exports) == 1
-    assert foundation_step(params, force=True, progress=False).source == "pretrained"
-    assert foundation_step(params.updated({"pretrain.seed": 1}), progress=False).source == "pretrained"
+    assert foundation_step(project, force=True, progress=False).source == "pretrained"
+    assert foundation_step(project.updated({"pretrain.seed": 1}), progress=False).source == "pretrained"
     assert checkpoint.read_bytes() != written
     assert len(pretrain_calls) == 2
 
 
 def test_foundation_step_with_other_weights_resolves_them_instead(tiny_world, tmp_path, foundation):
-    resolved = foundation_step(_project_params(tiny_world, tmp_path, **{"model.pretrained": str(foundation.out_path)}))
+    resolved = foundation_step(_project(tiny_world, tmp_path, **{"model.pretrained": str(foundation.out_path)}))
     assert resolved.source == "resolved" and resolved.weights == str(foundation.out_path)
     assert resolved.pretrain is None and resolved.zero_shot is not None
     assert not (tmp_path / "foundation" / "mumic-tiny.safetensors").exists()
-    random_init = foundation_step(_project_params(tiny_world, tmp_path, **{"model.pretrained": None}))
+    random_init = foundation_step(_project(tiny_world, tmp_path, **{"model.pretrained": None}))
     assert random_init.source == "random init" and random_init.zero_shot is None
 
 
 def test_unreachable_real_weights_fail_in_the_foundation_step_with_the_fix(tiny_world, tmp_path):
-    params = _project_params(tiny_world, tmp_path, **{"model.backbone": "ViT-B-32", "model.pretrained": "openai"})
+    project = _project(tiny_world, tmp_path, **{"model.backbone": "ViT-B-32", "model.pretrained": "openai"})
     with pytest.raises(BackboneError, match="set model.pretrained to its local path"):
-        foundation_step(params)
+        foundation_step(project)
 
 
 def test_missing_demo_foundation_names_the_command_that_builds_it(tiny_world, tmp_path):
     with pytest.raises(FileNotFoundError, match="mumic pretrain"):
-        foundation_weights(_project_params(tiny_world, tmp_path))
+        _project(tiny_world, tmp_path).foundation_weights()
 
 
 def test_cli_pretrain_then_zero_shot(tiny_world, tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     for run in results["runs"]:
         for metric in ("gap_at_10", "gap", "map_macro", "map_top_n", "retrieval_map"):
             assert 0.0 <= run["scores"][metric] <= 1.0, (run["variant"], metric)
+        assert run["gap_k"] == results["params"]["evaluate"]["k"] and run["val_gap_at_k"], run["variant"]
         has_text_tower = not run["variant"].startswith("linear")
         assert (run["scores"]["held_out_map"] is not None) == has_text_tower, run["variant"]
     assert results["foundation"]["source"] == "pretrained"

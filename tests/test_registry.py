@@ -20,8 +20,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mumic_ml.config import Params  # noqa: E402
 from mumic_ml.evaluate import evaluate_model  # noqa: E402
-from mumic_ml.predict import Predictor  # noqa: E402
-from mumic_ml.registry import (  # noqa: E402
+from mumic_ml.pipeline.registry import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -35,14 +34,16 @@ from mumic_ml.registry import (  # noqa: E402
     resolve_model_uri,
     rollback,
 )
-from mumic_ml.tracking import (  # noqa: E402
+from mumic_ml.pipeline.tracking import (  # noqa: E402
     flatten_params,
     log_artifacts,
     log_epoch,
-    resolve_tracking_uri,
     start_run,
+    tracking_location,
     tracking_scope,
 )
+from mumic_ml.predict import Predictor  # noqa: E402
+from mumic_ml.project import Project  # noqa: E402
 from mumic_ml.train import train  # noqa: E402
 
 
@@ -97,10 +98,10 @@ def store(tmp_path_factory):
                 log_epoch(
                     run_id,
                     0,
-                    {"train_loss": 0.9, "val_gap_at_10": 0.2, "is_best": True, "note": None},
+                    {"train_loss": 0.9, "val_gap_at_k": 0.2, "is_best": True, "note": None},
                     tracking_uri=uri,
                 )
-                log_epoch(run_id, 1, {"train_loss": 0.8, "val_gap_at_10": 0.3}, tracking_uri=uri)
+                log_epoch(run_id, 1, {"train_loss": 0.8, "val_gap_at_k": 0.3}, tracking_uri=uri)
                 log_artifacts(run_id, world.taxonomy, tracking_uri=uri)
             runs.append((run_id, log_model(run_id, model_dir, tracking_uri=uri)))
         images = sorted((world.raw / "images").glob("*.png"))[:3]
@@ -122,11 +123,15 @@ def _register(store, name, run=0, **kwargs):
     return register_model(run_id, model_uri, name=name, gate_passed=True, tracking_uri=store.uri, **kwargs)
 
 
-def test_tracking_uri_from_the_environment_wins(monkeypatch):
+def test_tracking_uri_chosen_then_environment_then_params(monkeypatch, tmp_path):
+    project = Project(Params(), tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert tracking_location(project) == (f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert resolve_tracking_uri("sqlite:///mlflow.db") == "http://tracking.example:5000"
+    assert tracking_location(project) == ("http://tracking.example:5000", None)
+    chosen = tmp_path / "elsewhere" / "store.db"
+    expected = (f"sqlite:///{chosen}", chosen.parent / "mlartifacts")
+    assert tracking_location(project.with_tracking_uri(f"sqlite:///{chosen}")) == expected
 
 
 def test_flatten_params_uses_dotted_keys():
@@ -146,7 +151,7 @@ def test_run_records_params_tags_metrics_and_artifacts(store):
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.backbone"] == "mumic-tiny"
     assert run.data.tags["data_version"] == "data-v1"
     assert run.data.tags["git_commit"]  # a commit hash inside a repository, "unknown" outside one
-    history = client.get_metric_history(run_id, "val_gap_at_10")
+    history = client.get_metric_history(run_id, "val_gap_at_k")
     assert [(m.step, m.value) for m in history] == [(0, 0.2), (1, 0.3)]
     assert "note" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}

@@ -49,7 +49,10 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from mumic_ml import registry, steps  # noqa: E402
+from mumic_ml import steps  # noqa: E402
+from mumic_ml.pipeline import registry  # noqa: E402
+from mumic_ml.pipeline.tracking import run_url  # noqa: E402
+from mumic_ml.project import Project  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_BATCH = 16
@@ -163,7 +166,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tiny_
     b = load_file(paths["model_dir"] / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _comparable(resumed.history) == _comparable(straight.history)
-    assert (resumed.best_epoch, resumed.best_val_gap_at_10) == (straight.best_epoch, straight.best_val_gap_at_10)
+    assert (resumed.best_epoch, resumed.best_val_gap_at_k) == (straight.best_epoch, straight.best_val_gap_at_k)
     spec_a = read_json(tmp_path / "straight" / "model" / "model.json")
     spec_b = read_json(paths["model_dir"] / "model.json")
     assert spec_a["thresholds"] == spec_b["thresholds"]
@@ -259,7 +262,7 @@ def test_ingest_killed_mid_batch_then_rerun_loses_and_duplicates_nothing(tmp_pat
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mumic_ml", "ingest", "--incoming", str(incoming), "--out", str(out)]
     cmd += ["--taxonomy", str(taxonomy_path)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=_project_folder(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def inside_second_batch() -> bool:
         ledger = _read_json_or_none(out / "batches.json")
@@ -386,7 +389,9 @@ PLANTED_ENV = {
 
 
 @dataclass(frozen=True)
-class Project:
+class RegisteredProject:
+    """A project trained, gated and registered through the steps, with everything it logged."""
+
     root: Path
     params: Params
     uri: str
@@ -436,30 +441,31 @@ def project(tiny_world, tmp_path_factory):
             logger.setLevel(logging.DEBUG if logger.name == "mumic_ml" else logging.INFO)
         try:
             with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-                outcome = steps.train_step(params, root, progress=False)
-                steps.evaluate_and_gate_step(params, root)
-                info = steps.register_step(params, root)
+                project = Project(params, root)
+                outcome = steps.train_step(project, progress=False)
+                steps.evaluate_and_gate_step(project)
+                info = steps.register_step(project)
         finally:
             for logger, level in zip(loggers, levels):
                 logger.removeHandler(handler)
                 logger.setLevel(level)
         assert info.created
-        yield Project(root, params, uri, outcome.run_id, info.version, captured.getvalue())
+        yield RegisteredProject(root, params, uri, outcome.run_id, info.version, captured.getvalue())
 
 
-def _versions(project: Project) -> list[int]:
+def _versions(project: RegisteredProject) -> list[int]:
     name = project.params.mlflow.registered_model
     return sorted(int(v.version) for v in MlflowClient(project.uri).search_model_versions(f"name = '{name}'"))
 
 
-def _aliases(project: Project) -> dict[str, int]:
+def _aliases(project: RegisteredProject) -> dict[str, int]:
     name = project.params.mlflow.registered_model
     found = MlflowClient(project.uri).get_registered_model(name).aliases
     return {alias: int(version) for alias, version in found.items()}
 
 
-def _new_run_with_logged_model(project: Project) -> tuple[str, str]:
-    from mumic_ml.tracking import start_run
+def _new_run_with_logged_model(project: RegisteredProject) -> tuple[str, str]:
+    from mumic_ml.pipeline.tracking import start_run
 
     with start_run(experiment=project.params.mlflow.experiment, tracking_uri=project.uri, run_name="retry") as run:
         pass
@@ -493,7 +499,7 @@ def test_planted_secrets_reach_no_store_artifact_metadata_or_log(project):
 
 
 def test_the_run_url_shown_in_dagster_carries_no_credentials():
-    url = steps._run_url(f"https://alice:{SECRET}@mlflow.example.com:8443/base/", "0123")
+    url = run_url(f"https://alice:{SECRET}@mlflow.example.com:8443/base/", "0123")
     assert url == "https://mlflow.example.com:8443/base/#/runs/0123"
 
 
@@ -503,7 +509,7 @@ def test_the_run_url_shown_in_dagster_carries_no_credentials():
 @pytest.mark.slow
 def test_rerunning_register_step_adds_no_version_and_logs_no_second_model(project):
     before = _versions(project)
-    again = steps.register_step(project.params, project.root)
+    again = steps.register_step(Project(project.params, project.root))
     assert not again.created and again.version == project.version
     assert _versions(project) == before
     client = MlflowClient(project.uri)
@@ -534,7 +540,7 @@ def test_unreachable_tracking_server_fails_training_fast_before_it_starts(tiny_w
     params = _project_params(tiny_world, tmp_path)
     started = time.monotonic()
     with pytest.raises(mlflow.exceptions.MlflowException) as caught:
-        steps.train_step(params, tmp_path, progress=False)
+        steps.train_step(Project(params, tmp_path), progress=False)
     assert url in str(caught.value) and "Connection refused" in str(caught.value)
     assert time.monotonic() - started < 30
     assert not (tmp_path / "run").exists() and not (tmp_path / "model").exists()
@@ -555,7 +561,7 @@ def test_metrics_store_failing_mid_training_fails_the_run_visibly(tiny_world, tm
     monkeypatch.setattr(MlflowClient, "log_batch", disk_full_for_metrics)
     params = _project_params(tiny_world, tmp_path)
     with pytest.raises(OSError, match="No space left on device"):
-        steps.train_step(params, tmp_path, progress=False)
+        steps.train_step(Project(params, tmp_path), progress=False)
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("mumic").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not (tmp_path / "model").exists() and latest_checkpoint(tmp_path / "run") is not None
@@ -604,6 +610,12 @@ def test_failure_while_moving_the_alias_is_repaired_by_rerunning_register(projec
     assert _aliases(project) == {**aliases, "challenger": info.version}
 
 
+def _project_folder(folder: Path) -> Path:
+    """`folder` as a project a stage command runs in: the repository's params.yaml and nothing else yet."""
+    shutil.copy(REPO / "params.yaml", folder)
+    return folder
+
+
 def _mumic(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -619,7 +631,8 @@ def _mumic(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 def test_stage_command_with_a_missing_input_exits_nonzero_naming_it(tiny_world, tmp_path):
     """What `dvc repro` sees when an upstream output is gone: the stage fails and says which file."""
-    done = _mumic(["split", "--ingested", str(tmp_path / "gone"), "--taxonomy", str(tiny_world.taxonomy)], tmp_path)
+    args = ["split", "--ingested", str(tmp_path / "gone"), "--taxonomy", str(tiny_world.taxonomy)]
+    done = _mumic(args, _project_folder(tmp_path))
     assert done.returncode != 0
     assert "manifest.parquet" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists()
@@ -638,7 +651,7 @@ def test_stage_command_whose_disk_write_fails_exits_nonzero_and_keeps_the_last_o
     raw_manifest = next(tiny_world.raw.glob("manifest.*"))
     out = tmp_path / "ingested"
     args = ["ingest", "--manifest", str(raw_manifest), "--images-root", str(tiny_world.raw), "--out", str(out)]
-    first = _mumic(args, tmp_path)
+    first = _mumic(args, _project_folder(tmp_path))
     assert first.returncode == 0, first.stderr
     before = _md5(out / "manifest.parquet")
     failed = _mumic(args, tmp_path, preexec_fn=_file_size_limit(1024))
@@ -685,7 +698,7 @@ def test_a_malicious_pretrained_file_in_params_fails_the_train_command(tiny_worl
 
     marker = tmp_path / "pwned"
     evil = _plant(tmp_path / "evil.pt", marker)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(_project_folder(tmp_path))
     paths = _train_paths(tiny_world, tmp_path)
     flags = {
         "--splits": "splits_dir",
@@ -806,7 +819,7 @@ def _default_host(tool: str) -> str | None:
 def _server_commands() -> list[tuple[str, str, str]]:
     """(file, tool, arguments) for every server start written in the Makefile, the docs or the code."""
     files = [REPO / "Makefile", REPO / "README.md", *(REPO / "docs").glob("*.md")]
-    files += [*(REPO / "mumic_ml").glob("*.py"), *(REPO / "mumic_dagster").glob("*.py")]
+    files += [*(REPO / "mumic_ml").rglob("*.py"), *(REPO / "mumic_dagster").glob("*.py")]
     found = []
     for path in files:
         text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))  # join shell line continuations
@@ -822,5 +835,5 @@ def test_every_server_the_project_starts_or_documents_binds_loopback():
         given = _HOST.search(args)
         host = given["host"] if given else _default_host(tool)
         assert host in LOOPBACK, f"{name}: `{tool}{args}` listens on {host}"
-    for path in [REPO / "Makefile", REPO / "README.md", *(REPO / "docs").glob("*.md"), *REPO.glob("mumic_*/*.py")]:
+    for path in [REPO / "Makefile", REPO / "README.md", *(REPO / "docs").glob("*.md"), *REPO.glob("mumic_*/**/*.py")]:
         assert "0.0.0.0" not in path.read_text(encoding="utf-8"), f"{path} mentions binding all interfaces"

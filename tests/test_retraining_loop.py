@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mumic_dagster import assets  # noqa: E402
 from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource  # noqa: E402
 from mumic_ml import steps  # noqa: E402
-from mumic_ml.config import load_params  # noqa: E402
 from mumic_ml.demo_world import generate_demo_world  # noqa: E402
 from mumic_ml.io import read_json  # noqa: E402
-from mumic_ml.registry import GateFailedError  # noqa: E402
+from mumic_ml.pipeline.registry import GateFailedError  # noqa: E402
+from mumic_ml.project import SPLITS, Project  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_BATCH, SECOND_BATCH = 160, 320
@@ -41,9 +41,8 @@ def retrain(root: Path) -> dg.ExecuteInProcessResult:
     return dg.materialize(dg.load_assets_from_modules([assets]), resources=resources, raise_on_error=False)
 
 
-def split_hashes(root: Path, params) -> dict[str, set[str]]:
-    paths = steps.ProjectPaths(root, params)
-    return {name: set(pd.read_parquet(paths.split(name))["sha256"]) for name in steps.SPLITS}
+def split_hashes(project: Project) -> dict[str, set[str]]:
+    return {name: set(pd.read_parquet(project.split(name))["sha256"]) for name in SPLITS}
 
 
 def logged_models(uri: str) -> int:
@@ -68,29 +67,29 @@ def project(tmp_path_factory, store):
     for section, values in PARAMS.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    loaded = load_params(root / "params.yaml")
-    generate_demo_world(root / loaded.paths.demo, n_images=FIRST_BATCH, image_size=64, seed=0)
+    loaded = Project.load(root)
+    generate_demo_world(loaded.demo, n_images=FIRST_BATCH, image_size=64, seed=0)
     first = retrain(root)
     assert first.success
-    promoted = steps.promote_step(loaded, root)
+    promoted = steps.promote_step(loaded)
     assert promoted.moved and promoted.champion_version == 1
     return root, loaded
 
 
 def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_promoted(project, store):
-    root, params = project
-    before = split_hashes(root, params)
+    root, loaded = project
+    before = split_hashes(loaded)
     foundation = (root / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes()
     generate_demo_world(
-        root / params.paths.incoming / "batch-2", n_images=SECOND_BATCH, image_size=64, seed=0, first_index=FIRST_BATCH
+        loaded.incoming / "batch-2", n_images=SECOND_BATCH, image_size=64, seed=0, first_index=FIRST_BATCH
     )
 
     second = retrain(root)
     assert second.success, [e.message for e in second.all_events if e.event_type_value == "STEP_FAILURE"]
-    after = split_hashes(root, params)
-    for name in steps.SPLITS:
+    after = split_hashes(loaded)
+    for name in SPLITS:
         assert before[name] <= after[name], f"an image left the {name} split"
-    assert sum(len(after[name] - before[name]) for name in steps.SPLITS) == SECOND_BATCH
+    assert sum(len(after[name] - before[name]) for name in SPLITS) == SECOND_BATCH
 
     # The foundation is reused (pretrain.refresh: config), as a real CLIP would be.
     assert (root / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes() == foundation
@@ -104,26 +103,25 @@ def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_pro
     client = MlflowClient(store)
     assert int(client.get_model_version_by_alias("mumic", "challenger").version) == 2
 
-    promoted = steps.promote_step(params, root)
+    promoted = steps.promote_step(loaded)
     assert promoted.moved and promoted.champion_version == 2, promoted.message
     assert int(client.get_model_version_by_alias("mumic", "previous_champion").version) == 1
 
 
 def test_a_test_split_that_overlaps_training_images_is_refused_and_nothing_is_logged(project, store):
-    root, params = project
-    paths = steps.ProjectPaths(root, params)
-    train, test = pd.read_parquet(paths.split("train")), pd.read_parquet(paths.split("test"))
-    pd.concat([test, train.iloc[:5]], ignore_index=True).to_parquet(paths.split("test"), index=False)
+    _, loaded = project
+    train, test = pd.read_parquet(loaded.split("train")), pd.read_parquet(loaded.split("test"))
+    pd.concat([test, train.iloc[:5]], ignore_index=True).to_parquet(loaded.split("test"), index=False)
     models_before = logged_models(store)
 
-    outcome = steps.evaluate_and_gate_step(params, root)
+    outcome = steps.evaluate_and_gate_step(loaded)
     assert not outcome.gate.passed
     assert any("5 image(s) that this model trained on" in reason for reason in outcome.gate.reasons)
     assert any("that champion v2 trained on" in reason for reason in outcome.gate.reasons)
     with pytest.raises(GateFailedError, match="did not pass the evaluation gate"):
-        steps.register_step(params, root)
+        steps.register_step(loaded)
     assert logged_models(store) == models_before
 
-    refused = steps.promote_step(params, root, version="1")
+    refused = steps.promote_step(loaded, version="1")
     assert not refused.moved and "trained on" in refused.message
     assert int(MlflowClient(store).get_model_version_by_alias("mumic", "champion").version) == 2

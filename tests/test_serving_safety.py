@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 from repo_copy import REPO, clean_env, make_target, wait_for
 
-from mumic_ml import registry
 from mumic_ml.images import DEFAULT_MAX_PIXELS, ImageRejected, _decode_failure, decode_image
+from mumic_ml.pipeline import registry
+from mumic_ml.pipeline.registry import IMAGE_ROOT_ENV, MumicPyfunc, PathPolicy
 from mumic_ml.predict import Prediction
-from mumic_ml.registry import IMAGE_ROOT_ENV, MumicPyfunc, PathPolicy
 
 SERVING_ENV = ("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "__pyfunc_model_path__", IMAGE_ROOT_ENV)
 

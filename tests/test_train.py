@@ -1,19 +1,26 @@
 """Training end to end on a tiny demo world: it learns, it resumes exactly, it runs under DDP."""
 
+import ast
+import json
+import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mumic_ml.checkpoint import latest_checkpoint
 from mumic_ml.config import Params
-from mumic_ml.data import epoch_batches, label_matrix, read_split
+from mumic_ml.data import batch_seed, epoch_batches, label_matrix, read_split
 from mumic_ml.evaluate import evaluate_model
+from mumic_ml.io import atomic_write_json, read_json
 from mumic_ml.metrics import gap_at_k
-from mumic_ml.train import lr_factor, parameter_groups, train
+from mumic_ml.optim import LrSchedule, lr_factor, parameter_groups
+from mumic_ml.train import train
 
 FAST = {"train.batch_size": 16, "train.epochs": 2, "train.early_stopping_patience": None}
 
@@ -42,6 +49,22 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_lr_schedule_of_a_run_takes_its_warmup_as_a_fraction_of_the_steps():
+    schedule = LrSchedule(total_steps=100, warmup_fraction=0.1, min_fraction=0.1)
+    assert schedule.warmup_steps == 10
+    assert [schedule(step) for step in (0, 9, 55, 100)] == [lr_factor(s, 100, 10, 0.1) for s in (0, 9, 55, 100)]
+    assert LrSchedule(total_steps=7, warmup_fraction=0.5, min_fraction=0.0).warmup_steps == 3
+
+
+def test_batch_seeds_keep_the_numbers_of_runs_already_made():
+    """Batch order and flips of existing runs (and their exact resume) depend on these exact values."""
+    assert batch_seed(0, 0) == 0
+    assert batch_seed(3, 2) == 3_000_011
+    assert batch_seed(3, 2, batch=5) == 3_000_020_000_038
+    assert batch_seed(3, 2, batch=0) != batch_seed(3, 2)
+    assert len({batch_seed(1, epoch, batch=b) for epoch in range(3) for b in range(50)}) == 150
 
 
 def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
@@ -97,9 +120,17 @@ def _evaluate(world, tmp_path):
 
 
 def test_training_writes_a_loadable_model_with_history(tiny_world, tmp_path):
-    result = _train(tiny_world, tmp_path, _params())
+    result = _train(tiny_world, tmp_path, _params(**{"evaluate.k": 5}))
     assert result.epochs_run == 2 and len(result.history) == 2
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    # Validation GAP is named by what it holds: GAP@k at k = evaluate.k, with that k recorded beside it.
+    assert result.gap_k == 5
+    assert result.best_val_gap_at_k == max(entry["val_gap_at_k"] for entry in result.history)
+    written = read_json(tmp_path / "run" / "result.json")
+    assert written["gap_k"] == 5 and written["best_val_gap_at_k"] == result.best_val_gap_at_k
+    assert [entry["val_gap_at_k"] for entry in written["history"]] == [e["val_gap_at_k"] for e in result.history]
+    metadata = read_json(tmp_path / "model" / "model.json")["metadata"]
+    assert (metadata["gap_k"], metadata["best_val_gap_at_k"]) == (5, result.best_val_gap_at_k)
     report = _evaluate(tiny_world, tmp_path)
     for key in ("gap_at_10", "gap", "map_macro", "per_class_ap"):
         assert key in report
@@ -147,6 +178,43 @@ def test_resume_starts_fresh_from_a_checkpoint_of_another_configuration(tiny_wor
     assert other.resumed_from is None and other.epochs_run == 1
 
 
+def test_resume_starts_fresh_when_validation_k_changes(tiny_world, tmp_path):
+    """The best epoch and early stopping compare GAP@k across epochs, so a run keeps one k from start to end."""
+    _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
+    other_k = _train(tiny_world, tmp_path, _params(**{"train.epochs": 1, "evaluate.k": 5}), resume=True)
+    assert other_k.resumed_from is None and other_k.gap_k == 5
+
+
+def test_a_checkpoint_with_another_progress_record_starts_a_fresh_run_and_says_why(tiny_world, tmp_path, caplog):
+    """What a checkpoint written before the validation metric was named by its k looks like: `best_val_gap_at_10`."""
+    params = _params(**{"train.epochs": 1})
+    _train(tiny_world, tmp_path, params)
+    state_path = latest_checkpoint(tmp_path / "run") / "state.json"
+    stored = read_json(state_path)
+    stored["train_state"]["best_val_gap_at_10"] = stored["train_state"].pop("best_val_gap_at_k")
+    atomic_write_json(state_path, stored)
+    with caplog.at_level(logging.WARNING, logger="mumic_ml.train"):
+        again = _train(tiny_world, tmp_path, params, resume=True)
+    assert again.resumed_from is None and again.epochs_run == 1
+    assert "another version of mumic" in caplog.text
+    assert "best_val_gap_at_10, best_val_gap_at_k" in caplog.text
+
+
+def test_only_the_callers_of_train_import_the_training_loop():
+    """Helpers live in runtime, optim, data, taxonomy and label_noise; the loop module exports the loop only."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"train", "TrainResult", "EpochReport"}
+    offending = []
+    folders = ("mumic_ml", "mumic_dagster", "benchmarks", "tests")
+    for path in sorted(p for folder in folders for p in (root / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mumic_ml.train":
+                offending += [f"{path.name}: {a.name}" for a in node.names if a.name not in allowed]
+            elif isinstance(node, ast.Import):
+                offending += [f"{path.name}: {a.name}" for a in node.names if a.name == "mumic_ml.train"]
+    assert offending == []
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tiny_world, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -187,8 +255,6 @@ def test_two_process_ddp_on_cpu(tiny_world, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_file(tmp_path / "model" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
-    import json
-
     metadata = json.loads((tmp_path / "model" / "model.json").read_text())["metadata"]
     assert metadata["world_size"] == 2
 
@@ -211,7 +277,7 @@ def test_gradient_accumulation_matches_one_large_batch():
     """Two micro-batches of 4 with accumulation_steps=2 accumulate the gradient of one batch of 8."""
     import contextlib
 
-    from mumic_ml.train import Stepper
+    from mumic_ml.optim import Stepper
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 64, 64, generator=g)
@@ -233,7 +299,7 @@ def test_gradient_accumulation_matches_one_large_batch():
 
 def test_precision_choice_on_cpu():
     from mumic_ml.config import Precision
-    from mumic_ml.train import autocast_and_scaler
+    from mumic_ml.runtime import autocast_and_scaler
 
     cpu = torch.device("cpu")
     assert autocast_and_scaler(Precision.AUTO, cpu)[1:] == (None, "fp32")

@@ -9,21 +9,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mumic_ml.config import ExpectationsConfig, IngestConfig, Params
 from mumic_ml.ingest import MANIFEST_SCHEMA
 from mumic_ml.io import read_json
-from mumic_ml.taxonomy import Taxonomy, load_taxonomy
-from mumic_ml.validate import (
+from mumic_ml.pipeline.validate import (
     EXPECTATION_NAMES,
     SPLIT_EXPECTATION_NAMES,
-    ValidationRules,
     validate_manifest,
     validate_splits,
 )
+from mumic_ml.taxonomy import Taxonomy, load_taxonomy
 
 TAXONOMY = Taxonomy.from_names(["cat", "dog", "bird"])
-RULES = ValidationRules(
-    min_labels_per_image=1, max_labels_per_image=2, min_side=16, max_side=512, min_positives_per_class=2
-)
+RULES = {
+    "expectations": ExpectationsConfig(min_labels_per_image=1, max_labels_per_image=2, min_positives_per_class=2),
+    "ingest": IngestConfig(min_side=16, max_side=512),
+}
+DEFAULTS = {"expectations": Params().expectations, "ingest": Params().ingest}
 # Every class has at least 3 images and every image 1 or 2 labels, so one defect trips exactly one check.
 CLEAN_LABELS = [["cat"], ["dog"], ["bird"], ["cat", "dog"], ["dog", "bird"], ["bird", "cat"], ["cat"], ["dog"]]
 
@@ -56,7 +58,7 @@ def _failed(result) -> set[str]:
 
 
 def test_clean_manifest_passes_and_writes_report_and_data_docs(tmp_path):
-    result = validate_manifest(_write(tmp_path / "m.parquet", _rows()), TAXONOMY, tmp_path / "out", RULES)
+    result = validate_manifest(_write(tmp_path / "m.parquet", _rows()), TAXONOMY, tmp_path / "out", **RULES)
 
     assert result.success and _failed(result) == set()
     assert tuple(o.name for o in result.outcomes) == EXPECTATION_NAMES
@@ -142,7 +144,7 @@ def test_each_defect_fails_its_own_blocking_check(tmp_path, defect):
     mutate, name, details_ok = DEFECTS[defect]
     rows = _rows()
     mutate(rows)
-    result = validate_manifest(_write(tmp_path / "m.parquet", rows), TAXONOMY, tmp_path / "out", RULES)
+    result = validate_manifest(_write(tmp_path / "m.parquet", rows), TAXONOMY, tmp_path / "out", **RULES)
 
     assert _failed(result) == {name}
     outcome = result.outcome(name)
@@ -157,7 +159,7 @@ def test_rare_class_warns_by_default_and_blocks_when_configured(tmp_path):
     manifest = _write(tmp_path / "m.parquet", _rows(4))  # bird: 1 image; fish: none
     taxonomy = Taxonomy.from_names(["cat", "dog", "bird", "fish"])
 
-    warned = validate_manifest(manifest, taxonomy, tmp_path / "warn", RULES)
+    warned = validate_manifest(manifest, taxonomy, tmp_path / "warn", **RULES)
     outcome = warned.outcome("min_positives_per_class")
     assert _failed(warned) == {"min_positives_per_class"}
     assert warned.success and not outcome.blocking and warned.warnings == [outcome]
@@ -165,29 +167,42 @@ def test_rare_class_warns_by_default_and_blocks_when_configured(tmp_path):
     assert outcome.details["n_classes_below_minimum"] == 2
     assert read_json(warned.report_path)["summary"]["warnings"] == 1
 
-    strict = ValidationRules(
+    strict = ExpectationsConfig(
         min_labels_per_image=1, max_labels_per_image=2, min_positives_per_class=2, min_positives_blocking=True
     )
-    blocked = validate_manifest(manifest, taxonomy, tmp_path / "block", strict)
+    blocked = validate_manifest(manifest, taxonomy, tmp_path / "block", expectations=strict, ingest=RULES["ingest"])
     assert not blocked.success and blocked.outcome("min_positives_per_class").blocking
 
 
 def test_empty_manifest_fails_and_missing_columns_are_an_error(tmp_path):
-    result = validate_manifest(_write(tmp_path / "empty.parquet", []), TAXONOMY, tmp_path / "out", RULES)
+    result = validate_manifest(_write(tmp_path / "empty.parquet", []), TAXONOMY, tmp_path / "out", **RULES)
     assert "non_empty" in _failed(result) and not result.success
     assert result.outcome("non_empty").observed == 0
     assert all(o.observed is not None for o in result.outcomes)
 
     pq.write_table(pa.table({"image_id": ["a"], "labels": [["cat"]]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="lacks columns"):
-        validate_manifest(tmp_path / "bad.parquet", TAXONOMY, tmp_path / "out2", RULES)
+        validate_manifest(tmp_path / "bad.parquet", TAXONOMY, tmp_path / "out2", **RULES)
 
 
 def test_rules_reject_inverted_ranges():
     with pytest.raises(ValueError, match="min_side"):
-        ValidationRules(min_side=600, max_side=512)
+        IngestConfig(min_side=600, max_side=512)
     with pytest.raises(ValueError, match="labels_per_image"):
-        ValidationRules(min_labels_per_image=3, max_labels_per_image=2)
+        ExpectationsConfig(min_labels_per_image=3, max_labels_per_image=2)
+
+
+def test_the_suite_checks_the_label_range_params_yaml_sets(tmp_path):
+    """The suite has no thresholds of its own: with the configuration's defaults, 30 labels per image pass."""
+    assert Params().expectations.max_labels_per_image == 30
+    taxonomy = Taxonomy.from_names([f"class {i}" for i in range(31)])
+    rows = _rows(2)
+    rows[0]["labels"] = list(taxonomy.names[:30])
+    passed = validate_manifest(_write(tmp_path / "30.parquet", rows), taxonomy, tmp_path / "a", **DEFAULTS)
+    assert passed.outcome("labels_per_image").success
+    rows[0]["labels"] = list(taxonomy.names)
+    failed = validate_manifest(_write(tmp_path / "31.parquet", rows), taxonomy, tmp_path / "b", **DEFAULTS)
+    assert not failed.outcome("labels_per_image").success
 
 
 def _splits(tmp_path: Path, train: list[dict], val: list[dict], test: list[dict]) -> dict[str, Path]:
@@ -243,8 +258,8 @@ def test_cwd_stays_clean_no_network_and_rerun_replaces_outputs(tmp_path, monkeyp
     rows = _rows(8)
     splits = _splits(inputs, rows[:4], rows[4:6], rows[6:])
 
-    first = validate_manifest(manifest, TAXONOMY, "../out", RULES)  # a relative out_dir works too
-    second = validate_manifest(manifest, TAXONOMY, out, RULES)
+    first = validate_manifest(manifest, TAXONOMY, "../out", **RULES)  # a relative out_dir works too
+    second = validate_manifest(manifest, TAXONOMY, out, **RULES)
     validate_splits(splits, out)
 
     assert list(cwd.iterdir()) == []
@@ -263,7 +278,7 @@ def test_ingested_demo_world_passes(tiny_world):
     """The real ingest and split output satisfies every blocking check."""
     out = tiny_world.root / "validation"
     taxonomy = load_taxonomy(tiny_world.taxonomy)
-    manifest = validate_manifest(tiny_world.ingested / "manifest.parquet", taxonomy, out)
+    manifest = validate_manifest(tiny_world.ingested / "manifest.parquet", taxonomy, out, **DEFAULTS)
     assert manifest.success, manifest.blocking_failures
     splits = validate_splits({s: tiny_world.splits / f"{s}.parquet" for s in ("train", "val", "test")}, out)
     assert splits.success, splits.blocking_failures

@@ -4,10 +4,10 @@ The logged model
     A model directory (`model.json`, `model.safetensors`, `architecture/`, `taxonomy.yaml`) travels unchanged as the
     pyfunc artifact `model_dir`; weights stay safetensors. The pyfunc itself is logged as *code* (MLflow "models from
     code": a three-line script that calls `mlflow.models.set_model(MumicPyfunc())`), so the logged model holds no
-    pickle at all, not even of the wrapper class. The script imports `mumic_ml`, which therefore has to be
-    installed where the model is loaded (`--env-manager local`, or an image built from this repository). We do not
-    ship a copy of the package via `code_paths`: MLflow only prepends that copy to `sys.path`, so which code runs
-    would depend on whether `mumic_ml` was imported first, and torch/open_clip must be installed regardless.
+    pickle at all, not even of the wrapper class. The script imports `mumic_ml.pipeline.registry`, so `mumic` has
+    to be installed where the model is loaded (`--env-manager local`, or an image built from this repository). We
+    do not ship a copy of the package via `code_paths`: MLflow only prepends that copy to `sys.path`, so which code
+    runs would depend on whether `mumic_ml` was imported first, and torch/open_clip must be installed regardless.
     `requirements.txt` pins the runtime dependencies of the `mumic` distribution and mlflow as logged.
 
 Input: a DataFrame with an `image` column; each cell is
@@ -76,7 +76,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from mumic_ml.io import atomic_directory
-from mumic_ml.tracking import tracking_scope
+from mumic_ml.pipeline.tracking import tracking_scope
 
 MODEL_NAME = "mumic"
 CHALLENGER = "challenger"
@@ -93,7 +93,7 @@ _MODEL_CODE = """\
 # MuMIC pyfunc, logged as code (no pickle): the weights are the safetensors in the `model_dir` artifact.
 import mlflow
 
-from mumic_ml.registry import MumicPyfunc
+from mumic_ml.pipeline.registry import MumicPyfunc
 
 mlflow.models.set_model(MumicPyfunc())
 """

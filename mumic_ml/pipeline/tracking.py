@@ -1,7 +1,8 @@
 """MLflow experiment tracking for MuMIC: where runs go and what every run records.
 
 The embedded default is a SQLite store with artifacts in a local folder; `MLFLOW_TRACKING_URI` in the environment
-wins, so a team points every entry point (CLI, DVC stages, Dagster) at a shared server by environment alone.
+wins, so a team points every entry point (CLI, DVC stages, Dagster) at a shared server by environment alone, and a
+store the caller names explicitly (the Dagster `mlflow` resource) wins over both.
 Every function takes the tracking URI as an argument (None: MLflow's current one) and talks to the store through
 an `MlflowClient` bound to it, so nothing here leaks into MLflow's process-global state; `tracking_scope` is the one
 exception, for the MLflow APIs that exist only in fluent form.
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param
@@ -27,15 +29,48 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from mumic_ml.project import Project
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TAG_DATA_VERSION = "data_version"
 TAG_GIT_COMMIT = "git_commit"
 UNKNOWN = "unknown"
+SQLITE_PREFIX = "sqlite:///"
 
 
-def resolve_tracking_uri(default: str) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the project default (e.g. `sqlite:///mlflow.db`)."""
-    return os.environ.get(TRACKING_URI_ENV) or default
+def tracking_location(project: Project) -> tuple[str, Path | None]:
+    """The project's MLflow tracking URI and where new experiments keep their artifacts.
+
+    The store is the one the caller chose (`project.tracking_uri`), else MLFLOW_TRACKING_URI, else params.yaml's
+    `mlflow.tracking_uri`; a relative SQLite path is taken under the project root. Artifacts of a SQLite store live
+    beside the database file (params.yaml's `mlflow.artifact_location` for the project's own store); a tracking
+    server decides for itself.
+    """
+    configured = project.params.mlflow
+    chosen = project.tracking_uri or os.environ.get(TRACKING_URI_ENV)
+    uri = chosen or configured.tracking_uri
+    if not uri.startswith(SQLITE_PREFIX):
+        return uri, None
+    database = Path(uri[len(SQLITE_PREFIX) :])
+    if not database.is_absolute():
+        database = (project.root / database).resolve()
+    # A store chosen outside params.yaml keeps its artifacts beside it, never in the project.
+    artifacts = database.parent / "mlartifacts" if chosen else (project.root / configured.artifact_location).resolve()
+    return SQLITE_PREFIX + str(database), artifacts
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """Where the run shows in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    if not uri.startswith(("http://", "https://")):
+        return f"http://127.0.0.1:5000/#/runs/{run_id}"
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    # Rebuilt without user:password: the URL is shown in the Dagster UI and its event log.
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")) + f"/#/runs/{run_id}"
 
 
 @contextlib.contextmanager
@@ -43,17 +78,23 @@ def tracking_scope(tracking_uri: str | None) -> Iterator[None]:
     """Point MLflow's global tracking URI at `tracking_uri` for the block, then restore what was there.
 
     Needed for MLflow's fluent-only APIs (`mlflow.pyfunc.log_model`, `mlflow.register_model`, `models:/` downloads).
-    MLflow mirrors the global URI into the environment variable, so restoring the variable restores both.
+    MLflow mirrors the global URI into the environment variable, so restoring the variable restores both. Unless
+    the environment says otherwise, artifact progress bars are off inside the block: a model download would flood
+    the log of every asset and CLI step that touches the registry.
     """
-    if tracking_uri is None:
-        yield
-        return
+    quiet = PROGRESS_BAR_ENV not in os.environ
+    if quiet:
+        os.environ[PROGRESS_BAR_ENV] = "false"
     before = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
+        if tracking_uri is not None:
+            mlflow.set_tracking_uri(before)
+        if quiet:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
 
 
 def _artifact_uri(location: str | os.PathLike) -> str:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from great_expectations.data_context import EphemeralDataContext
 from great_expectations.data_context.types.base import DataContextConfig, InMemoryStoreBackendDefaults
 
+from mumic_ml.config import ExpectationsConfig, IngestConfig
 from mumic_ml.io import atomic_directory, atomic_write_json
 from mumic_ml.taxonomy import Taxonomy
 
@@ -66,29 +67,6 @@ DETAIL_LIMIT = 20
 
 _MANIFEST_COLUMNS = ("image_id", "sha256", "labels", "width", "height")
 _DOCS_SITE = "local_site"
-
-
-@dataclass(frozen=True)
-class ValidationRules:
-    """Thresholds of the manifest suite. A rare class only warns by default: it is worth knowing, not a broken set."""
-
-    min_labels_per_image: int = 1
-    max_labels_per_image: int = 20
-    min_side: int = 16
-    max_side: int = 512
-    min_positives_per_class: int = 5
-    min_positives_blocking: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_labels_per_image <= self.max_labels_per_image:
-            raise ValueError(
-                f"need 0 <= min_labels_per_image ({self.min_labels_per_image}) "
-                f"<= max_labels_per_image ({self.max_labels_per_image})"
-            )
-        if not 1 <= self.min_side <= self.max_side:
-            raise ValueError(f"need 1 <= min_side ({self.min_side}) <= max_side ({self.max_side})")
-        if self.min_positives_per_class < 0:
-            raise ValueError(f"min_positives_per_class must be >= 0, got {self.min_positives_per_class}")
 
 
 @dataclass(frozen=True)
@@ -187,14 +165,17 @@ def validate_manifest(
     manifest_path: str | os.PathLike,
     taxonomy: Taxonomy,
     out_dir: str | os.PathLike,
-    rules: ValidationRules | None = None,
+    *,
+    expectations: ExpectationsConfig,
+    ingest: IngestConfig,
 ) -> ValidationResult:
     """Run the manifest suite, write `validation.json` and Data Docs into `out_dir`, and return the outcomes.
 
-    Failed expectations are reported, not raised: the caller decides what a failed blocking check stops. Raises
-    ValueError only when the manifest lacks a column the suite needs.
+    The thresholds are params.yaml's `expectations`, and the image sides `ingest` accepts; the suite has none of its
+    own, so it checks exactly what the pipeline is configured with. Failed expectations are reported, not raised:
+    the caller decides what a failed blocking check stops. Raises ValueError only when the manifest lacks a column
+    the suite needs.
     """
-    r = rules or ValidationRules()
     images, labels = _manifest_tables(manifest_path)
     classes = _class_counts(labels, taxonomy.names)
     tables = [
@@ -241,30 +222,31 @@ def validate_manifest(
                     _expect(
                         gxe.ExpectColumnValuesToBeBetween,
                         "labels_per_image",
-                        f"every image has {r.min_labels_per_image} to {r.max_labels_per_image} labels",
+                        f"every image has {expectations.min_labels_per_image} to "
+                        f"{expectations.max_labels_per_image} labels",
                         column="n_labels",
-                        min_value=r.min_labels_per_image,
-                        max_value=r.max_labels_per_image,
+                        min_value=expectations.min_labels_per_image,
+                        max_value=expectations.max_labels_per_image,
                     )
                 ),
                 _Check(
                     _expect(
                         gxe.ExpectColumnValuesToBeBetween,
                         "image_width",
-                        f"image width is {r.min_side} to {r.max_side} px",
+                        f"image width is {ingest.min_side} to {ingest.max_side} px",
                         column="width",
-                        min_value=r.min_side,
-                        max_value=r.max_side,
+                        min_value=ingest.min_side,
+                        max_value=ingest.max_side,
                     )
                 ),
                 _Check(
                     _expect(
                         gxe.ExpectColumnValuesToBeBetween,
                         "image_height",
-                        f"image height is {r.min_side} to {r.max_side} px",
+                        f"image height is {ingest.min_side} to {ingest.max_side} px",
                         column="height",
-                        min_value=r.min_side,
-                        max_value=r.max_side,
+                        min_value=ingest.min_side,
+                        max_value=ingest.max_side,
                     )
                 ),
             ],
@@ -295,10 +277,10 @@ def validate_manifest(
                     _expect(
                         gxe.ExpectColumnValuesToBeBetween,
                         "min_positives_per_class",
-                        f"every class has at least {r.min_positives_per_class} images",
-                        blocking=r.min_positives_blocking,
+                        f"every class has at least {expectations.min_positives_per_class} images",
+                        blocking=expectations.min_positives_blocking,
                         column="n_images",
-                        min_value=r.min_positives_per_class,
+                        min_value=expectations.min_positives_per_class,
                     ),
                     _below_minimum,
                 )

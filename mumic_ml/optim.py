@@ -1,0 +1,122 @@
+"""How the weights move: the learning-rate schedule, the parameter groups and one optimizer step (`Stepper`).
+
+Shared by fine-tuning, pretraining and the throughput benchmark, so the benchmark times exactly the step the loops
+take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mumic_ml.config import Params
+from mumic_ml.task import total_loss
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_fraction: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_fraction` at the last step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """`lr_factor` over a whole run: a pure function of the step, so a resumed run continues the same curve."""
+
+    total_steps: int
+    warmup_fraction: float
+    min_fraction: float
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_fraction * self.total_steps)
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.min_fraction)
+
+
+def parameter_groups(model: nn.Module, params: Params) -> list[dict[str, Any]]:
+    """Separate learning rates per tower; no weight decay on 1-D parameters (norms, biases, temperature)."""
+    cfg = params.train
+    clip = model.clip
+    visual = {id(p) for p in clip.visual.parameters()}
+    in_clip = {id(p) for p in clip.parameters()}
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in visual:
+            tower = "image"
+        elif id(param) in in_clip:
+            tower = "text"
+        else:
+            tower = "head"
+        decay = param.ndim >= 2
+        buckets.setdefault((tower, decay), []).append(param)
+    peak = {"image": cfg.lr_image, "text": cfg.lr_text, "head": cfg.lr_head}
+    groups = []
+    for (tower, decay), group_params in sorted(buckets.items()):
+        groups.append(
+            {
+                "params": group_params,
+                "name": f"{tower}_{'decay' if decay else 'no_decay'}",
+                "peak_lr": peak[tower],
+                "lr": peak[tower],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+        )
+    if not groups:
+        raise ValueError("the configuration leaves no trainable parameter")
+    return groups
+
+
+@dataclass
+class Stepper:
+    """One micro-batch forward/backward and one optimizer update: what the loop runs and the benchmark times."""
+
+    model: nn.Module  # the task, possibly compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+
+    def backward(
+        self, images: torch.Tensor, targets: torch.Tensor, sync_gradients: bool = True
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Accumulate gradients of one micro-batch; returns its (undivided) loss, detached."""
+        sync = contextlib.nullcontext()
+        if not sync_gradients and isinstance(self.model, DistributedDataParallel):
+            sync = self.model.no_sync()  # all-reduce once per optimizer step, not per micro-batch
+        with sync:
+            with self.autocast():
+                losses, report = self.model(images, targets)
+                loss = total_loss(losses)
+            scaled = loss / self.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach(), report
+
+    def update(self, lr_scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
