@@ -66,3 +66,13 @@ def load_benchmark():
         return module
 
     return load
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory):
+    """A module's own MLflow store, through MLFLOW_TRACKING_URI as a user would point the pipeline at one."""
+    store = tmp_path_factory.mktemp("mlflow")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["MLFLOW_TRACKING_URI"] = before or ""

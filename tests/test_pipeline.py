@@ -70,15 +70,6 @@ def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tracking_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("mlflow")
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    yield os.environ["MLFLOW_TRACKING_URI"]
-    os.environ["MLFLOW_TRACKING_URI"] = before or ""
-
-
-@pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tracking_store):
     root = make_project(tmp_path_factory.mktemp("project"), SMALL)
     result = materialize(root)

@@ -56,6 +56,7 @@ def test_checkpoint_loads_through_the_backbone_factory(foundation):
     assert {"train_loss", "val_retrieval_top1", "logit_scale", "images_per_second"} <= set(meta["history"][0])
 
 
+@pytest.mark.slow  # pretrains anew: the module's shared foundation cannot stand in
 def test_same_seed_writes_identical_files_and_another_seed_does_not(tiny_world, tmp_path, foundation):
     again = _pretrain(tiny_world, tmp_path / "again.safetensors", _params())
     assert again.out_path.read_bytes() == foundation.out_path.read_bytes()
@@ -63,6 +64,7 @@ def test_same_seed_writes_identical_files_and_another_seed_does_not(tiny_world, 
     assert other.out_path.read_bytes() != foundation.out_path.read_bytes()
 
 
+@pytest.mark.slow  # pretrains anew: the module's shared foundation cannot stand in
 def test_contrastive_loss_decreases(tiny_world, tmp_path):
     result = _pretrain(tiny_world, tmp_path / "w.safetensors", _params(**{"pretrain.epochs": 4}))
     losses = [entry["train_loss"] for entry in result.history]
@@ -71,6 +73,7 @@ def test_contrastive_loss_decreases(tiny_world, tmp_path):
     assert losses[-1] < math.log(16)  # below chance for a batch of 16
 
 
+@pytest.mark.slow  # pretrains anew: the module's shared foundation cannot stand in
 def test_siglip_option_learns_a_bias_and_keeps_the_architecture(tiny_world, tmp_path):
     result = _pretrain(tiny_world, tmp_path / "s.safetensors", _params(**{"pretrain.loss": "siglip"}))
     assert math.isfinite(result.final_loss)

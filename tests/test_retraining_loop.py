@@ -3,27 +3,20 @@ gate against champion v1 on a test split that neither trained on, is registered 
 keep the comparison fair: a split that overlaps a model's training images is refused by the gate and by
 promotion, and a refused registration logs nothing."""
 
-import os
-from pathlib import Path
-
-import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
+from test_pipeline import make_project, materialize  # noqa: E402
 
-from mumic_dagster import assets  # noqa: E402
-from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource  # noqa: E402
 from mumic_ml import steps  # noqa: E402
 from mumic_ml.demo_world import generate_demo_world  # noqa: E402
 from mumic_ml.io import read_json  # noqa: E402
 from mumic_ml.pipeline.registry import GateFailedError  # noqa: E402
 from mumic_ml.project import SPLITS, Project  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 FIRST_BATCH, SECOND_BATCH = 160, 320
 PARAMS = {
     "demo": {"n_images": FIRST_BATCH},
@@ -33,12 +26,6 @@ PARAMS = {
 }
 
 pytestmark = pytest.mark.slow
-
-
-def retrain(root: Path) -> dg.ExecuteInProcessResult:
-    """The whole asset graph, as `retrain_job` runs it."""
-    resources = {"project": ProjectResource(root=str(root)), "mlflow": MlflowResource(), "compute": ComputeResource()}
-    return dg.materialize(dg.load_assets_from_modules([assets]), resources=resources, raise_on_error=False)
 
 
 def split_hashes(project: Project) -> dict[str, set[str]]:
@@ -51,32 +38,18 @@ def logged_models(uri: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow")
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    yield os.environ["MLFLOW_TRACKING_URI"]
-    os.environ["MLFLOW_TRACKING_URI"] = before or ""
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, store):
+def project(tmp_path_factory, tracking_store):
     """A project whose first batch was trained, registered and promoted (champion v1)."""
-    root = tmp_path_factory.mktemp("project")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in PARAMS.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = make_project(tmp_path_factory.mktemp("project"), PARAMS)
     loaded = Project.load(root)
-    generate_demo_world(loaded.demo, n_images=FIRST_BATCH, image_size=64, seed=0)
-    first = retrain(root)
+    first = materialize(root)
     assert first.success
     promoted = steps.promote_step(loaded)
     assert promoted.moved and promoted.champion_version == 1
     return root, loaded
 
 
-def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_promoted(project, store):
+def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_promoted(project, tracking_store):
     root, loaded = project
     before = split_hashes(loaded)
     foundation = (root / "models" / "foundation" / "mumic-tiny.safetensors").read_bytes()
@@ -84,7 +57,7 @@ def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_pro
         loaded.incoming / "batch-2", n_images=SECOND_BATCH, image_size=64, seed=0, first_index=FIRST_BATCH
     )
 
-    second = retrain(root)
+    second = materialize(root)
     assert second.success, [e.message for e in second.all_events if e.event_type_value == "STEP_FAILURE"]
     after = split_hashes(loaded)
     for name in SPLITS:
@@ -100,7 +73,7 @@ def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_pro
     gate = read_json(root / "reports" / "gate.json")
     assert gate["passed"] and gate["champion_gap_at_10"] is not None, gate
     assert gate["gap_at_10"] > gate["champion_gap_at_10"], gate
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_store)
     assert int(client.get_model_version_by_alias("mumic", "challenger").version) == 2
 
     promoted = steps.promote_step(loaded)
@@ -108,11 +81,11 @@ def test_a_second_batch_is_trained_gated_against_the_champion_registered_and_pro
     assert int(client.get_model_version_by_alias("mumic", "previous_champion").version) == 1
 
 
-def test_a_test_split_that_overlaps_training_images_is_refused_and_nothing_is_logged(project, store):
+def test_a_test_split_that_overlaps_training_images_is_refused_and_nothing_is_logged(project, tracking_store):
     _, loaded = project
     train, test = pd.read_parquet(loaded.split("train")), pd.read_parquet(loaded.split("test"))
     pd.concat([test, train.iloc[:5]], ignore_index=True).to_parquet(loaded.split("test"), index=False)
-    models_before = logged_models(store)
+    models_before = logged_models(tracking_store)
 
     outcome = steps.evaluate_and_gate_step(loaded)
     assert not outcome.gate.passed
@@ -120,8 +93,8 @@ def test_a_test_split_that_overlaps_training_images_is_refused_and_nothing_is_lo
     assert any("that champion v2 trained on" in reason for reason in outcome.gate.reasons)
     with pytest.raises(GateFailedError, match="did not pass the evaluation gate"):
         steps.register_step(loaded)
-    assert logged_models(store) == models_before
+    assert logged_models(tracking_store) == models_before
 
     refused = steps.promote_step(loaded, version="1")
     assert not refused.moved and "trained on" in refused.message
-    assert int(MlflowClient(store).get_model_version_by_alias("mumic", "champion").version) == 2
+    assert int(MlflowClient(tracking_store).get_model_version_by_alias("mumic", "champion").version) == 2

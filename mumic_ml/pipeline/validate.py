@@ -178,7 +178,22 @@ def validate_manifest(
     """
     images, labels = _manifest_tables(manifest_path)
     classes = _class_counts(labels, taxonomy.names)
-    tables = [
+    tables = _manifest_suite(images, labels, classes, taxonomy, expectations, ingest)
+    counts = {"images": len(images), "label_assignments": len(labels), "classes": len(taxonomy.names)}
+    label_counts = dict(zip(classes["class"], classes["n_images"].tolist()))
+    return _run("manifest", tables, counts, Path(out_dir), MANIFEST_REPORT, MANIFEST_DOCS, label_counts)
+
+
+def _manifest_suite(
+    images: pd.DataFrame,
+    labels: pd.DataFrame,
+    classes: pd.DataFrame,
+    taxonomy: Taxonomy,
+    expectations: ExpectationsConfig,
+    ingest: IngestConfig,
+) -> list[_Table]:
+    """The manifest's expectations, table by table: one declarative list, read top to bottom."""
+    return [
         _Table(
             "images",
             images,
@@ -287,9 +302,6 @@ def validate_manifest(
             ],
         ),
     ]
-    counts = {"images": len(images), "label_assignments": len(labels), "classes": len(taxonomy.names)}
-    label_counts = dict(zip(classes["class"], classes["n_images"].tolist()))
-    return _run("manifest", tables, counts, Path(out_dir), MANIFEST_REPORT, MANIFEST_DOCS, label_counts)
 
 
 def validate_splits(
