@@ -19,7 +19,9 @@ the batches by that number. A picture already accepted from a batch that arrived
 `duplicate_image` with the batch, row and source of the rejected row and, in `detail`, of the copy kept; so a later
 drop never takes images away from a collection a model was already trained on, and retraining sees each picture
 once. Paths in the combined manifest are relative to `out/` (`batches/<id>/images/<sha256>.png`); its `batch` and
-`row` columns say which manifest row each image came from.
+`row` columns say which manifest row each image came from. When any batch has `negative_labels` or
+`unknown_labels`, the combined manifest has the column for every row: empty lists for the batches without it,
+which is what their rows mean (a class not named is absent).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mumic_ml.ingest import IngestResult, ingest
 from mumic_ml.io import atomic_path, atomic_write_json, file_digest, read_json
-from mumic_ml.manifest import ManifestError
+from mumic_ml.manifest import QUALIFIED_LABEL_COLUMNS, ManifestError, label_lists_as_strings
 from mumic_ml.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -191,14 +195,22 @@ def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None
         batch_rejected.insert(0, "batch", batch_id)
         rejected.extend(batch_rejected.to_dict("records"))
     manifest = pd.concat(accepted, ignore_index=True)
+    for column in QUALIFIED_LABEL_COLUMNS:
+        if column in manifest:
+            # Rows of batches without the column come out of the concatenation as NaN.
+            manifest[column] = [[] if _is_missing(labels) else labels for labels in manifest[column]]
     rejected_frame = pd.DataFrame(rejected, columns=["batch", "row", "source", "reason", "detail"])
     with atomic_path(result.rejected_path) as tmp:
         rejected_frame.to_csv(tmp, index=False)
     with atomic_path(result.manifest_path) as tmp:
-        manifest.to_parquet(tmp, index=False)
+        pq.write_table(label_lists_as_strings(pa.Table.from_pandas(manifest, preserve_index=False)), tmp)
     result.n_images = len(manifest)
     result.n_rejected = len(rejected_frame)
     result.rejected_by_reason = dict(Counter(rejected_frame["reason"]).most_common())
+
+
+def _is_missing(labels: object) -> bool:
+    return labels is None or (isinstance(labels, float) and pd.isna(labels))
 
 
 def _where(batch_id: str, row: object, source: str) -> str:

@@ -1,10 +1,11 @@
 """`mumic`: one subcommand per pipeline step, each a thin call into the library.
 
-Every subcommand reads `params.yaml` (or `--params FILE`), accepts `--set key=value` overrides, and takes explicit
-paths that default to the `paths` section; DVC stages and the Dagster assets call the same functions. The folder a
-command runs in is the project root that relative paths start from, so a missing parameter file is an error rather
-than a run on defaults. The commands that track, register or validate need the pipeline extra and say so, in one
-line, when it is not installed.
+Every pipeline subcommand reads `params.yaml` (or `--params FILE`), accepts `--set key=value` overrides, and takes
+explicit paths that default to the `paths` section; DVC stages and the Dagster assets call the same functions. The
+folder a command runs in is the project root that relative paths start from, so a missing parameter file is an
+error rather than a run on defaults. The commands that track, register or validate need the pipeline extra and say
+so, in one line, when it is not installed. `import` is not a step: it turns a public benchmark into an incoming
+batch from the paths it is given, and reads no parameters.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, load_params
 from mumic_ml.pipeline import INSTALL_EXTRA, missing_extra_module
 from mumic_ml.project import Project
+
+if TYPE_CHECKING:
+    from mumic_ml.importers.batch_folder import ImportResult
 
 log = logging.getLogger("mumic")
 
@@ -99,6 +104,44 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"  {reason}: {count}")
     print(f"  manifest: {manifest}\n  rejected: {rejected}")
     return 0
+
+
+def cmd_import_coco(args: argparse.Namespace) -> int:
+    from mumic_ml.importers.coco import import_coco
+
+    result = import_coco(
+        args.annotations, args.images, args.out, captions=args.captions, keep_unlabelled=args.keep_unlabelled
+    )
+    _print_import("coco", result)
+    return 0
+
+
+def cmd_import_voc(args: argparse.Namespace) -> int:
+    from mumic_ml.importers.voc import import_voc
+
+    _print_import("voc", import_voc(args.root, args.image_set, args.out))
+    return 0
+
+
+def cmd_import_openimages(args: argparse.Namespace) -> int:
+    from mumic_ml.importers.openimages import import_openimages
+
+    _print_import("openimages", import_openimages(args.labels, args.classes, args.images, args.out))
+    return 0
+
+
+def _print_import(name: str, result: ImportResult) -> None:
+    print(f"import {name}: {result.n_images} images, {result.n_classes} classes -> {result.out_dir}")
+    if result.n_rejected:
+        print(f"  {result.n_rejected} left out:")
+    for reason, count in result.rejected_by_reason.items():
+        print(f"    {reason}: {count}")
+    if result.n_without_positives:
+        print(
+            f"  {result.n_without_positives} images show no class, only negative or unknown ones; the validation "
+            "suite counts them against expectations.min_labels_per_image"
+        )
+    print(f"  manifest: {result.manifest_path}\n  taxonomy: {result.taxonomy_path}\n  rejected: {result.rejected_path}")
 
 
 def _with_paths(project: Project, overrides: dict[str, object]) -> Project:
@@ -318,7 +361,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from mumic_ml.io import read_json
     from mumic_ml.pipeline.registry import current_champion
     from mumic_ml.pipeline.tracking import tracking_location
-    from mumic_ml.project import combined_version
+    from mumic_ml.project import DATA_VERSION, SPLIT_MD5_PREFIX, data_version_fields
 
     project = _project(args)
     if not project.metrics.is_file():
@@ -328,14 +371,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     champion = current_champion(project.params.mlflow.registered_model, tracking_uri=uri)
     print("MuMIC pipeline summary")
     print(f"  test split: GAP@10 {report['gap_at_10']:.4f}   GAP {report['gap']:.4f}   mAP {report['map_macro']:.4f}")
-    print(f"  data version: {combined_version(project.data_version())} (md5 of the split files, as in dvc.lock)")
+    version = data_version_fields(project.data_version())
+    splits = ", ".join(
+        f"{key.removeprefix(SPLIT_MD5_PREFIX)} {md5}" for key, md5 in version.items() if key != DATA_VERSION
+    )
+    print(f"  data version: {version[DATA_VERSION]} (split md5s as in dvc.lock: {splits})")
     if project.registration.is_file():
         reg = read_json(project.registration)
         print(f"  registered: {reg['name']} version {reg['version']} (alias challenger), MLflow run {reg['run_id']}")
     print(f"  champion: {'none yet' if champion is None else f'version {champion.version}'}")
     print(f"  MLflow store: {uri}")
-    print("  Dagster UI:  DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (then http://127.0.0.1:3000)")
-    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    print("  Dagster UI:  make ui         (then http://127.0.0.1:3000)")
+    print("  MLflow UI:   make mlflow-ui  (then http://127.0.0.1:5000)")
+    print("  serve:       make serve      (the champion on http://127.0.0.1:5001/invocations)")
     return 0
 
 
@@ -442,6 +490,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taxonomy", help="taxonomy YAML; labels outside it are rejected (batch mode: paths.taxonomy)")
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser("import", help="write a public benchmark (COCO, Pascal VOC, Open Images) as an incoming batch")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    out_help = "batch folder to write, e.g. data/incoming/<name> (replaced whole; refused if it is not a batch)"
+    p = formats.add_parser("coco", help="COCO instances JSON, optionally captions JSON, and the image folder")
+    p.add_argument("--annotations", required=True, help="instances_*.json")
+    p.add_argument("--captions", help="captions_*.json of the same images: each image's first caption")
+    p.add_argument("--images", required=True, help="folder the file_name of every image is relative to")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument(
+        "--keep-unlabelled",
+        action="store_true",
+        help="keep images without annotations, every category a verified negative (default: left out, counted)",
+    )
+    p.set_defaults(func=cmd_import_coco)
+    p = formats.add_parser("voc", help="Pascal VOC: image-level labels of an image set, difficult-only as unknown")
+    p.add_argument("--root", required=True, help="the VOC folder, e.g. VOCdevkit/VOC2007")
+    p.add_argument("--image-set", required=True, help="ImageSets/Main/<image-set>.txt, e.g. trainval")
+    p.add_argument("--out", required=True, help=out_help)
+    p.set_defaults(func=cmd_import_voc)
+    p = formats.add_parser("openimages", help="Open Images human-verified image labels: 1 present, 0 verified absent")
+    p.add_argument("--labels", required=True, nargs="+", help="one or more *-human-imagelabels*.csv")
+    p.add_argument("--classes", required=True, help="class-descriptions*.csv (LabelName,DisplayName)")
+    p.add_argument("--images", required=True, help="folder of <ImageID>.jpg")
+    p.add_argument("--out", required=True, help=out_help)
+    p.set_defaults(func=cmd_import_openimages)
+
     p = sub.add_parser("validate", parents=[common], help="Great Expectations suite over the ingested manifest")
     p.add_argument("--ingested", help="folder with manifest.parquet (default: paths.ingested)")
     p.add_argument("--taxonomy", help="taxonomy YAML (default: paths.taxonomy)")
@@ -540,6 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mumic_ml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from mumic_ml.backbone import BackboneError
     from mumic_ml.checkpoint import CheckpointError
+    from mumic_ml.importers.batch_folder import DatasetImportError
     from mumic_ml.manifest import ManifestError
     from mumic_ml.model_io import ModelDirError
     from mumic_ml.taxonomy import TaxonomyError
@@ -560,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BackboneError,
         CheckpointError,
         ModelDirError,
+        DatasetImportError,
         OSError,  # a missing input, a full disk, a refused permission: the cause is the message
     ) as exc:
         print(f"mumic {args.command}: error: {exc}", file=sys.stderr)

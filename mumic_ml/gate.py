@@ -11,6 +11,13 @@ from collections.abc import Set
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# What passing the gate means, for readers of the evaluation_gate asset check.
+GATE_MEANING = (
+    "The model may be registered: its test GAP@10 clears gate.min_gap_at_10, it is at most "
+    "gate.champion_tolerance below the champion re-measured on the same test split, and neither model trained on "
+    "a test image."
+)
+
 
 @dataclass(frozen=True)
 class Measured:

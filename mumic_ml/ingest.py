@@ -9,8 +9,10 @@ Output layout, all under OUT:
 - `manifest.parquet`: one row per accepted image: `image_id` (first 16 hex digits of `sha256`), `source` (the
   manifest's path as given), `path` (the stored image, POSIX and RELATIVE TO OUT, e.g. `images/ab12...png`),
   `sha256` (of the normalised pixels, see images.sha256_of_image), `labels` (list<string>), `width`, `height`,
-  `row` (the manifest row it came from, numbered as in `rejected.csv`), then the manifest's extra columns. Written
-  last: it is the commit point.
+  `row` (the manifest row it came from, numbered as in `rejected.csv`), then `negative_labels` and `unknown_labels`
+  (list<string>) when the manifest has them, then the manifest's extra columns. Written last: it is the commit
+  point. All three label columns are checked against the taxonomy and stored in its spelling and order; a label
+  in two of them is a contradiction and rejects the row.
 
 Every output file is written to a temporary name and renamed, so a killed run leaves the previous complete output
 readable; `rejected.csv` is replaced just before `manifest.parquet`.
@@ -40,7 +42,7 @@ from PIL import Image
 
 from mumic_ml.images import ImageRejected, decode_image, normalise_image, sha256_of_image
 from mumic_ml.io import atomic_path
-from mumic_ml.manifest import ManifestError, read_manifest
+from mumic_ml.manifest import LABEL_COLUMNS, LABEL_LIST_TYPE, QUALIFIED_LABEL_COLUMNS, ManifestError, read_manifest
 from mumic_ml.taxonomy import Taxonomy, normalise_label
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,14 @@ REASONS = {
     "decode_error": "the image is corrupt",
     "decompression_bomb": "the declared pixel count exceeds the limit",
     "too_small": "a side is shorter than min_side",
-    "no_labels": "the row has no labels",
+    "no_labels": "the row names no class at all (no positive, negative or unknown label)",
     "unknown_label": "a label is not in the taxonomy",
+    "conflicting_labels": "a label is in more than one of labels, negative_labels and unknown_labels",
     "duplicate_path": "an earlier row already names the same file",
     "duplicate_image": "an earlier accepted row has the same picture (same content hash)",
 }
 
-_OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", "labels", "width", "height", "row")
+_OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", *LABEL_COLUMNS, "width", "height", "row")
 # The columns every accepted row has; downstream readers and tests build manifests against this schema.
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -110,6 +113,8 @@ class _Row:
     row: int
     source: str | None
     labels: list[str] = field(default_factory=list)
+    # negative_labels / unknown_labels, for the columns the manifest has.
+    qualified_labels: dict[str, list[str]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     file: str | None = None
     same_file_as: _Row | None = None
@@ -145,12 +150,15 @@ def ingest(
         raise ManifestError(f"images root is not a directory: {root}")
     root_real = Path(os.path.realpath(root))
     frame = read_manifest(manifest_path)
-    extra_columns = [c for c in frame.columns if c not in ("row", "source", "labels", "error")]
+    label_columns = [c for c in LABEL_COLUMNS if c in frame.columns]
+    extra_columns = [c for c in frame.columns if c not in ("row", "source", "error", *label_columns)]
     clashes = [c for c in extra_columns if c in _OUTPUT_COLUMNS]
     if clashes:
         raise ManifestError(f"{manifest_path}: column(s) {clashes} clash with ingest's output columns; rename them")
 
-    rows = [_check_row(record, root_real, taxonomy, extra_columns) for record in frame.to_dict("records")]
+    rows = [
+        _check_row(record, root_real, taxonomy, label_columns, extra_columns) for record in frame.to_dict("records")
+    ]
     _mark_duplicate_paths(rows)
 
     out = Path(out_dir)
@@ -171,7 +179,8 @@ def ingest(
     rejected = [r for r in rows if r.reason is not None]
     manifest_file, rejected_file = out / MANIFEST_FILE, out / REJECTED_FILE
     _write_rejected(rejected, rejected_file)
-    _write_manifest(accepted, extra_columns, manifest_file)
+    qualified_columns = [c for c in QUALIFIED_LABEL_COLUMNS if c in label_columns]
+    _write_manifest(accepted, qualified_columns, extra_columns, manifest_file)
     _prune_images(images_dir, {r.sha256 for r in accepted})
 
     by_reason = dict(Counter(r.reason for r in rejected).most_common())
@@ -179,7 +188,9 @@ def ingest(
     return IngestResult(len(rows), len(accepted), len(rejected), by_reason, manifest_file, rejected_file, images_dir)
 
 
-def _check_row(record: dict[str, Any], root_real: Path, taxonomy: Taxonomy | None, extras: list[str]) -> _Row:
+def _check_row(
+    record: dict[str, Any], root_real: Path, taxonomy: Taxonomy | None, label_columns: list[str], extras: list[str]
+) -> _Row:
     """The checks that need no decoding: manifest errors, path safety, file existence, labels."""
     source = record["source"]
     row = _Row(int(record["row"]), source, extras={c: record[c] for c in extras})
@@ -191,11 +202,12 @@ def _check_row(record: dict[str, Any], root_real: Path, taxonomy: Taxonomy | Non
         row.reject(*problem)
         return row
     row.file = problem
-    labels = _canonical_labels(record["labels"], taxonomy)
+    labels = _canonical_label_columns({c: record[c] for c in label_columns}, taxonomy)
     if isinstance(labels, tuple):
         row.reject(*labels)
     else:
-        row.labels = labels
+        row.labels = labels.pop("labels")
+        row.qualified_labels = labels
     return row
 
 
@@ -227,24 +239,38 @@ def _locate(source: str, root_real: Path) -> str | tuple[str, str]:
     return str(real)
 
 
-def _canonical_labels(labels: list[str], taxonomy: Taxonomy | None) -> list[str] | tuple[str, str]:
-    """De-duplicated labels in canonical spelling and taxonomy order, or (reason, detail) when unusable.
+def _canonical_label_columns(
+    columns: dict[str, list[str]], taxonomy: Taxonomy | None
+) -> dict[str, list[str]] | tuple[str, str]:
+    """Each label column de-duplicated, in canonical spelling and taxonomy order, or (reason, detail) when unusable.
 
     Without a taxonomy there is no canonical spelling: labels equal up to case and whitespace keep the first
-    spelling, in manifest order.
+    spelling, in manifest order. A row must name at least one class in some column, and no class in two.
     """
-    if not labels:
+    if not any(columns.values()):
         return "no_labels", "the row has no labels"
-    if taxonomy is None:
-        unique: dict[str, str] = {}
-        for label in labels:
-            unique.setdefault(normalise_label(label), label)
-        return list(unique.values())
-    canonical = {label: taxonomy.canonical(label) for label in labels}
-    unknown = [label for label, name in canonical.items() if name is None]
+    unknown = []
+    canonical: dict[str, list[str]] = {}
+    for column, labels in columns.items():
+        if taxonomy is None:
+            unique: dict[str, str] = {}
+            for label in labels:
+                unique.setdefault(normalise_label(label), label)
+            canonical[column] = list(unique.values())
+            continue
+        names = {label: taxonomy.canonical(label) for label in labels}
+        where = "" if column == "labels" else f" (in {column})"
+        unknown += [_with_hint(label, taxonomy) + where for label, name in names.items() if name is None]
+        canonical[column] = sorted({name for name in names.values() if name is not None}, key=taxonomy.index_of)
     if unknown:
-        return "unknown_label", "not in the taxonomy: " + ", ".join(_with_hint(u, taxonomy) for u in unknown)
-    return sorted(set(canonical.values()), key=taxonomy.index_of)
+        return "unknown_label", "not in the taxonomy: " + ", ".join(unknown)
+    column_of: dict[str, str] = {}
+    for column, labels in canonical.items():
+        for label in labels:
+            first = column_of.setdefault(normalise_label(label), column)
+            if first != column:
+                return "conflicting_labels", f"{label!r} is in both {first} and {column}"
+    return canonical
 
 
 def _with_hint(label: str, taxonomy: Taxonomy) -> str:
@@ -325,7 +351,7 @@ def _write_rejected(rows: list[_Row], target: Path) -> None:
         writer.writerows([r.row, r.source, r.reason, r.detail] for r in rows)
 
 
-def _write_manifest(rows: list[_Row], extra_columns: list[str], target: Path) -> None:
+def _write_manifest(rows: list[_Row], qualified_columns: list[str], extra_columns: list[str], target: Path) -> None:
     data = {
         "image_id": [r.sha256[:16] for r in rows],
         "source": [r.source for r in rows],
@@ -338,6 +364,9 @@ def _write_manifest(rows: list[_Row], extra_columns: list[str], target: Path) ->
     arrays = [pa.array(data[f.name], type=f.type) for f in MANIFEST_SCHEMA]
     arrays.append(pa.array([r.row for r in rows], type=_ROW_FIELD.type))
     fields = [*MANIFEST_SCHEMA, _ROW_FIELD]
+    for name in qualified_columns:
+        arrays.append(pa.array([r.qualified_labels[name] for r in rows], type=LABEL_LIST_TYPE))
+        fields.append(pa.field(name, LABEL_LIST_TYPE))
     for name in extra_columns:
         values = [r.extras[name] for r in rows]
         array = _extra_array(values)

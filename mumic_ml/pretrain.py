@@ -77,9 +77,11 @@ def label_caption(labels: list[str]) -> str:
 
 
 def split_captions(frame: pd.DataFrame) -> list[str]:
-    if "caption" in frame.columns:
-        return [str(c) for c in frame["caption"]]
-    return [label_caption(list(labels)) for labels in frame["labels"]]
+    """Each row's caption; a row without one (no `caption` column, or an empty or null value: an image its
+    dataset left uncaptioned, or a batch without captions beside one with them) gets its label caption."""
+    captions = frame["caption"] if "caption" in frame.columns else [None] * len(frame)
+    texts = ["" if pd.isna(caption) else str(caption) for caption in captions]
+    return [text if text.strip() else label_caption(list(labels)) for text, labels in zip(texts, frame["labels"])]
 
 
 class _IndexedImages(Dataset):
@@ -255,6 +257,7 @@ def pretrain(
     cache_dir: Path,
     out_path: Path,
     progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> PretrainResult:
     """Pretrain `params.model.backbone` from random init on the train split's (image, caption) pairs.
 
@@ -262,6 +265,7 @@ def pretrain(
     (`label_caption`), so any labelled collection can be pretrained on. Batch order, flips and initialisation are
     functions of `pretrain.seed`: on CPU two runs write byte-identical checkpoints. Writes `out_path` (the
     open_clip state dict) and `<out_path>.json` (config, history, final loss and retrieval, data fingerprint).
+    `on_epoch_end` receives each epoch's history entry as it completes (progress for a long run's log).
     """
     cfg = params.pretrain
     out_path = Path(out_path)
@@ -313,6 +317,8 @@ def pretrain(
             entry["logit_scale"],
             entry["images_per_second"],
         )
+        if on_epoch_end is not None:
+            on_epoch_end(dict(entry))
     result = PretrainResult(
         out_path=out_path,
         meta_path=meta_path,

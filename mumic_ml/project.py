@@ -3,7 +3,8 @@
 Every file and folder the pipeline reads or writes is a typed property of `Project`, taken from the absolute
 project root, so no step depends on the current directory, and a misspelt path is an AttributeError where it is
 written rather than a failure deep inside a step. The data version is the md5 of each split file, the hash DVC
-records for it, so what a run is tagged with can be compared with `dvc.lock` directly.
+records for it, so what a run is tagged with can be compared with `dvc.lock` directly, and one combined identifier
+of the three (`data_version_fields`).
 """
 
 from __future__ import annotations
@@ -198,3 +199,14 @@ def combined_version(md5s: dict[str, str]) -> str:
     """One short identifier for the split files together: the data version tag of runs and model versions."""
     joined = ";".join(f"{name}:{md5s[name]}" for name in sorted(md5s))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+DATA_VERSION = "data_version"
+SPLIT_MD5_PREFIX = "split_md5."
+
+
+def data_version_fields(md5s: dict[str, str]) -> dict[str, str]:
+    """The data version as every place shows it (MLflow run and model version tags, Dagster metadata, model card):
+    `data_version`, one identifier for the split files together, and `split_md5.<split>`, each file's md5 as
+    dvc.lock records it."""
+    return {DATA_VERSION: combined_version(md5s), **{f"{SPLIT_MD5_PREFIX}{name}": md5 for name, md5 in md5s.items()}}

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mumic_ml.io import atomic_path, atomic_write_json
+from mumic_ml.manifest import label_lists_as_strings
 
 REQUIRED_COLUMNS = ("image_id", "labels", "sha256")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
@@ -182,9 +185,11 @@ def split_manifest(
     Images already in OUT's split files keep their split; the others are dealt by iterative stratification among
     themselves with `seed`. `reassign` ignores the existing files and deals every image afresh (models trained
     before then are no longer comparable on the new test split; the evaluation gate refuses such comparisons).
-    Each split file holds the manifest's rows for that split, with the same columns in the same order, written
-    atomically so a reader never sees half a split. Identical images (same sha256) in two splits would leak test
-    data into training, so duplicate hashes are refused rather than split.
+    Each split file holds the manifest's rows for that split, with the same columns in the same order (negative
+    and unknown labels, captions and every other column travel with their image; label columns stay list<string>
+    even in a split where they are all empty), written atomically so a reader never sees half a split. Identical
+    images (same sha256) in two splits would leak test data into training, so duplicate hashes are refused rather
+    than split.
     """
     names, _ = _check_fractions(fractions)
     manifest = pd.read_parquet(manifest_path)
@@ -216,7 +221,8 @@ def split_manifest(
     with contextlib.ExitStack() as files:
         for name in names:
             tmp = files.enter_context(atomic_path(out_dir / f"{name}.parquet"))
-            manifest[split_of_row == name].to_parquet(tmp, index=False)
+            part = pa.Table.from_pandas(manifest[split_of_row == name], preserve_index=False)
+            pq.write_table(label_lists_as_strings(part), tmp)
     for name in names:
         in_split = split_of_row == name
         positives = labels[in_split].sum(axis=0)

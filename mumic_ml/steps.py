@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from mumic_ml.batches import BatchIngestResult, ingest_batches
 from mumic_ml.config import DEMO_FOUNDATION
 from mumic_ml.gate import Measured
 from mumic_ml.io import atomic_write_json, file_digest, read_json
-from mumic_ml.project import DVC_DIGEST, SPLITS, Project, combined_version
+from mumic_ml.project import DVC_DIGEST, SPLITS, Project, combined_version, data_version_fields
 from mumic_ml.taxonomy import load_taxonomy
 
 
@@ -97,7 +99,13 @@ def _zero_shot_on_test(project: Project, weights: str) -> dict[str, Any]:
     return zero_shot
 
 
-def foundation_step(project: Project, *, force: bool = False, progress: bool = True) -> FoundationOutcome:
+def foundation_step(
+    project: Project,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    on_pretrain_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FoundationOutcome:
     """The backbone weights that fine-tuning starts from, and their zero-shot quality on the test split.
 
     With `model.pretrained: demo-foundation` the demo foundation is pretrained on the train split's captions,
@@ -106,6 +114,7 @@ def foundation_step(project: Project, *, force: bool = False, progress: bool = T
     and the pretrain recipe are unchanged (`pretrain.refresh: config`), as a real CLIP would be; `refresh: data`
     also pretrains again when the data changed. Any other setting is resolved, downloading a tag now, so that
     missing weights fail here with the fix in the message and not after the data steps of a long run.
+    `on_pretrain_epoch` receives each pretraining epoch's history entry as it completes.
     """
     from mumic_ml.backbone import create_backbone
     from mumic_ml.data import data_fingerprint, read_split
@@ -132,6 +141,7 @@ def foundation_step(project: Project, *, force: bool = False, progress: bool = T
                 cache_dir=project.cache,
                 out_path=checkpoint,
                 progress=progress,
+                on_epoch_end=on_pretrain_epoch,
             )
             source = "pretrained"
         meta = read_json(meta_path)
@@ -220,10 +230,25 @@ def train_step(
     resume: bool = False,
     on_epoch_end=None,
     progress: bool = True,
+    dagster_run_id: str | None = None,
 ) -> TrainOutcome:
-    """Fine-tune inside an MLflow run: params, data version, git commit, per-epoch metrics, the taxonomy."""
-    from mumic_ml.pipeline.tracking import log_artifacts, log_epoch, run_url, start_run, tracking_location
+    """Fine-tune inside an MLflow run that a UI user can read without the server: params, the data version and
+    the orchestrator's run id as tags, the splits as dataset inputs, per-epoch metrics (step = epoch), the
+    label and training-curve figures, the taxonomy."""
+    from mumic_ml.data import read_split
+    from mumic_ml.pipeline.tracking import (
+        TAG_DAGSTER_RUN_ID,
+        log_artifacts,
+        log_epoch,
+        log_png,
+        log_split_datasets,
+        run_url,
+        start_run,
+        tracking_location,
+    )
+    from mumic_ml.plots import label_histogram, positives_per_split, training_curves
     from mumic_ml.pretrain import foundation_seen_images
+    from mumic_ml.previews import split_positives
     from mumic_ml.train import train
 
     params = project.params
@@ -244,16 +269,26 @@ def train_step(
         result = train(training_params, **train_paths, resume=resume, progress=False)
         return TrainOutcome(result, "", "", version)
     uri, artifacts = tracking_location(project)
+    data_version = combined_version(version)
+    today = datetime.now(UTC).date().isoformat()
     with start_run(
         experiment=params.mlflow.experiment,
         tracking_uri=uri,
         artifact_location=artifacts,
         params=params.model_dump(mode="json"),
-        data_version=combined_version(version),
-        tags={f"split_md5.{name}": md5 for name, md5 in version.items()},
-        run_name="train",
+        data_version=data_version,
+        tags={**data_version_fields(version), **({TAG_DAGSTER_RUN_ID: dagster_run_id} if dagster_run_id else {})},
+        run_name=f"train {params.model.backbone} {today} data {data_version[:6]}",
         repo_dir=project.root,
     ) as run_id:
+        frames = {name: read_split(project.split(name)) for name in SPLITS}
+        sources = {name: project.split(name) for name in SPLITS}
+        log_split_datasets(run_id, frames, sources=sources, digests=version, tracking_uri=uri)
+        positives = split_positives(frames)
+        classes = {name for counts in positives.values() for name in counts}
+        totals = {name: sum(counts.get(name, 0) for counts in positives.values()) for name in classes}
+        log_png(run_id, label_histogram(totals), "figures/label_histogram.png", tracking_uri=uri)
+        log_png(run_id, positives_per_split(positives), "figures/positives_per_split.png", tracking_uri=uri)
         logged: set[int] = set()
 
         def log_history_entry(entry: dict[str, Any]) -> None:
@@ -278,6 +313,9 @@ def train_step(
         for entry in result.history:  # epochs run before a crash, when this run resumed
             if entry["epoch"] not in logged:
                 log_history_entry(entry)
+        if result.history:
+            curves = training_curves(result.history, result.gap_k, result.best_epoch)
+            log_png(run_id, curves, "figures/training_curves.png", tracking_uri=uri)
         log_artifacts(run_id, project.taxonomy, tracking_uri=uri)
     return TrainOutcome(result, run_id, run_url(uri, run_id), version)
 
@@ -318,10 +356,15 @@ def _champion(project: Project, uri: str) -> Measured | None:
 
 def evaluate_and_gate_step(project: Project) -> EvaluationOutcome:
     """Test-split metrics and plots into the training run, then the gate: the floor, and the champion re-measured
-    on the same split, neither having trained on any of its images."""
+    on the same split, neither having trained on any of its images.
+
+    The verdict is a tag of the training run (`gate` passed or failed, with `gate_reasons` and `gate_notes`); the
+    run stays FINISHED, because training itself did finish and its model and metrics are what the reasons are about.
+    """
     from mumic_ml.gate import check_gate
     from mumic_ml.model_io import read_seen_images
-    from mumic_ml.pipeline.tracking import log_artifacts, log_epoch, tracking_location
+    from mumic_ml.pipeline.registry import GATE_FAILED, GATE_PASSED, TAG_GATE
+    from mumic_ml.pipeline.tracking import log_artifacts, log_epoch, set_tags, tracking_location
 
     params = project.params
     report = evaluate_step(project)
@@ -337,19 +380,32 @@ def evaluate_and_gate_step(project: Project) -> EvaluationOutcome:
     atomic_write_json(project.gate_report, {**gate.to_dict(), "mlflow_run_id": run_id})
     scalars = {f"test_{k}": v for k, v in report.items() if k in ("gap_at_10", "gap", "map_macro", "map_top_n")}
     log_epoch(run_id, 0, {**scalars, "gate_passed": float(gate.passed)}, tracking_uri=uri)
+    verdict = {
+        TAG_GATE: GATE_PASSED if gate.passed else GATE_FAILED,
+        "gate_reasons": "; ".join(gate.reasons) or None,
+        "gate_notes": "; ".join(gate.notes) or None,
+    }
+    set_tags(run_id, verdict, tracking_uri=uri)
     log_artifacts(run_id, project.metrics, artifact_path="evaluation", tracking_uri=uri)
     if project.plots.is_dir():
         log_artifacts(run_id, project.plots, artifact_path="evaluation/plots", tracking_uri=uri)
     return EvaluationOutcome(report, gate, project.metrics, project.gate_report)
 
 
-def register_step(project: Project):
-    """Log the gated model as a pyfunc and register it as `challenger`.
+def register_step(project: Project, *, dagster_run_id: str | None = None):
+    """Log the gated model as a pyfunc, register it as `challenger` and describe the version with its model card.
 
     A model that failed the gate is refused before anything is logged, so refusals leave no orphan model behind.
     """
-    from mumic_ml.pipeline.registry import GateFailedError, log_model, register_model, registered_version_of_run
-    from mumic_ml.pipeline.tracking import tracking_location
+    from mumic_ml.pipeline.registry import (
+        GateFailedError,
+        describe_version,
+        log_model,
+        model_card,
+        register_model,
+        registered_version_of_run,
+    )
+    from mumic_ml.pipeline.tracking import TAG_DAGSTER_RUN_ID, tracking_location
 
     run_id = _model_run_id(project.model)
     gate = read_json(project.gate_report)
@@ -362,20 +418,36 @@ def register_step(project: Project):
     name = project.params.mlflow.registered_model
     existing = registered_version_of_run(name, run_id, tracking_uri=uri)
     model_uri = existing.source if existing is not None else log_model(run_id, project.model, tracking_uri=uri)
-    version = project.data_version()
+    data_version = data_version_fields(project.data_version())
+    metrics = read_json(project.metrics)
     info = register_model(
         run_id,
         model_uri,
         name=name,
         gate_passed=True,
-        metrics=read_json(project.metrics),
+        metrics=metrics,
         tags={
-            "data_version": combined_version(version),
-            **{f"split_md5.{k}": v for k, v in version.items()},
+            **data_version,
             "gate_passed": "True",
+            **({TAG_DAGSTER_RUN_ID: dagster_run_id} if dagster_run_id else {}),
         },
         tracking_uri=uri,
     )
+    model_spec = read_json(project.model / "model.json")
+    card = model_card(
+        name=name,
+        version=info.version,
+        data_version=data_version,
+        metrics=metrics,
+        gate=gate,
+        class_names=model_spec["class_names"],
+        held_out_classes=model_spec.get("metadata", {}).get("held_out_classes", []),
+        backbone=project.params.model.backbone,
+        run_id=run_id,
+        dagster_run_id=dagster_run_id,
+    )
+    describe_version(name, info.version, card, tracking_uri=uri)
+    info = replace(info, description=card)
     atomic_write_json(
         project.registration,
         {"name": info.name, "version": info.version, "run_id": run_id, "alias": "challenger"},

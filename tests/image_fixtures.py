@@ -1,6 +1,9 @@
-"""Images made in memory for the decoding, ingest and bad-input tests: no binary fixture is committed."""
+"""Images made in memory for the decoding, ingest and bad-input tests (no binary fixture is committed), and the
+reading of figures that metadata carries inline."""
 
+import base64
 import io
+import re
 import struct
 import zlib
 
@@ -29,3 +32,17 @@ def png_with_declared_size(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
+
+
+INLINE_PNG = re.compile(r"^!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/]+=*)\)$")
+
+
+def inline_png(markdown: str) -> tuple[bytes, Image.Image]:
+    """The PNG of a Markdown image with a data URI (`![title](data:image/png;base64,...)`), decoded and opened."""
+    match = INLINE_PNG.match(markdown)
+    assert match, markdown[:80]
+    png = base64.b64decode(match[1], validate=True)
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    assert image.format == "PNG"
+    return png, image

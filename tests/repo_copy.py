@@ -56,6 +56,12 @@ def copy_repository(root: Path, overrides: dict) -> Path:
     return root
 
 
+def make(*arguments: str) -> list[str]:
+    """A make command line for a README target. `-o`: the linked venv counts as installed, so a test never
+    reinstalls it through the copy's path (which would point the venv's scripts at a temporary folder)."""
+    return ["make", "--no-print-directory", "-o", ".venv/.installed", *arguments]
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a fresh shell: nothing of the venv on PATH, HF_HUB_OFFLINE set; `extra` wins."""
     venv_bins = {(REPO / ".venv" / "bin").resolve(), BIN.resolve()}
@@ -88,8 +94,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 @contextmanager
 def make_target(root: Path, target: str, port: int, env: dict[str, str], log_path: Path) -> Iterator:
     """`make <target> PORT=<port>` in `root`, in its own process group, always stopped on the way out."""
-    # -o: never reinstall the venv from a test, even when pyproject.toml is newer than its stamp.
-    command = ["make", "--no-print-directory", "-o", ".venv/.installed", target, f"PORT={port}"]
+    command = make(target, f"PORT={port}")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

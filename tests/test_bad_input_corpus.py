@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from image_fixtures import encode, noise, png_with_declared_size  # noqa: E402
+from image_fixtures import encode, inline_png, noise, png_with_declared_size  # noqa: E402
 from PIL import Image
 
 from mumic_ml.cli import main
@@ -678,3 +678,20 @@ def test_raw_images_asset_reports_rejections_by_reason(tmp_path):
     assert counts == expected
     assert event.metadata["images"].value == 2
     assert event.metadata["rejected_rows"].value == sum(expected.values())
+
+    # The rejected rows themselves, readable without the server's files: a table and a contact sheet.
+    first = [record.data for record in event.metadata["first_rejected_rows"].records]
+    assert [list(row) for row in first] == [["batch", "row", "source", "reason", "detail"]] * len(first)
+    assert {(row["source"], row["reason"]) for row in first} == {
+        ("empty.jpg", "empty_file"),
+        ("page.jpg", "not_an_image"),
+        ("a_again.bmp", "duplicate_image"),
+        ("missing.png", "missing_file"),
+        ("b.png", "duplicate_path"),
+        ("c.png", "unknown_label"),
+    }
+    assert {row["batch"] for row in first} == {"2026-01-01-corpus"}
+    _, sheet = inline_png(event.metadata["rejected_images"].md_str)
+    assert sheet.height > 100
+    _, sample = inline_png(event.metadata["sample_images"].md_str)
+    assert sample.width > 100

@@ -16,7 +16,7 @@ import yaml
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
-from repo_copy import BIN, REPO, copy_repository, run_as_written  # noqa: E402
+from repo_copy import BIN, REPO, copy_repository, make, run_as_written  # noqa: E402
 
 from mumic_ml import steps  # noqa: E402
 from mumic_ml.io import file_digest  # noqa: E402
@@ -57,7 +57,7 @@ def _env(root: Path, path: str) -> dict[str, str]:
 
 def make_repro(root: Path) -> str:
     """The README's command, run as written: no activated venv, so nothing of the venv is on PATH."""
-    proc = run_as_written(root, ["make", "repro"], {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    proc = run_as_written(root, make("repro"), {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
     assert proc.returncode == 0, f"make repro failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

@@ -348,3 +348,48 @@ def test_batches_that_cannot_be_processed(tmp_path):
     with pytest.raises(ManifestError, match="clash"):
         ingest(clash, root, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_negative_and_unknown_labels_are_checked_and_stored_like_labels(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    for seed, name in enumerate("abcdefg"):
+        noise(seed=seed).save(root / f"{name}.png")
+    rows = [
+        ("a.png", "cat", "DOG", ""),
+        ("b.png", "", "sea  view|cat", ""),
+        ("c.png", "", "", "dog|Dog"),
+        ("d.png", "cat", "Cat", ""),
+        ("e.png", "dog", "", "fish"),
+        ("f.png", "", "", ""),
+        ("g.png", "sea view", "", "cat"),
+    ]
+    header = ("path", "labels", "negative_labels", "unknown_labels")
+    result = ingest(write_csv(tmp_path / "m.csv", rows, header), root, tmp_path / "out", taxonomy=TAXONOMY)
+
+    table = pq.read_table(result.manifest_path)
+    assert table.column_names[-3:] == ["row", "negative_labels", "unknown_labels"]
+    assert all(table.schema.field(c).type == pa.list_(pa.string()) for c in ("negative_labels", "unknown_labels"))
+    stored = {r["source"]: (r["labels"], r["negative_labels"], r["unknown_labels"]) for r in table.to_pylist()}
+    assert stored == {
+        "a.png": (["Cat"], ["dog"], []),
+        "b.png": ([], ["Cat", "sea view"], []),
+        "c.png": ([], [], ["dog"]),
+        "g.png": (["sea view"], [], ["Cat"]),
+    }
+    reasons = {r["source"]: (r["reason"], r["detail"]) for r in read_rejected(result.rejected_path)}
+    assert reasons["d.png"] == ("conflicting_labels", "'Cat' is in both labels and negative_labels")
+    assert reasons["e.png"] == ("unknown_label", "not in the taxonomy: 'fish' (in unknown_labels)")
+    assert reasons["f.png"][0] == "no_labels"
+
+
+def test_without_taxonomy_a_label_in_two_columns_is_a_conflict_whatever_its_spelling(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    noise(seed=1).save(root / "a.png")
+    noise(seed=2).save(root / "b.png")
+    rows = [("a.png", "Dog", "", "dog "), ("b.png", "Dog", "cat|CAT", "")]
+    manifest = write_csv(tmp_path / "m.csv", rows, ("path", "labels", "negative_labels", "unknown_labels"))
+    result = ingest(manifest, root, tmp_path / "out")
+    assert [r["reason"] for r in read_rejected(result.rejected_path)] == ["conflicting_labels"]
+    assert pq.read_table(result.manifest_path).column("negative_labels").to_pylist() == [["cat"]]

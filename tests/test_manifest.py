@@ -186,3 +186,40 @@ def test_parse_labels(value, expected):
 def test_parse_labels_errors(value, message):
     with pytest.raises(ValueError, match=message):
         parse_labels(value)
+
+
+def test_negative_and_unknown_label_columns_are_read_like_labels(tmp_path):
+    content = (
+        "path,labels,Negative_Labels,unknown_labels,caption\n"
+        'a.png,cat,"[""dog"", "" bird ""]",,x\n'
+        "b.png,,dog | cat,fish,\n"
+        'c.png,cat,"[broken",,\n'
+    )
+    frame = read_manifest(write(tmp_path, "m.csv", content))
+    assert list(frame.columns) == ["row", "source", "labels", "negative_labels", "unknown_labels", "error", "caption"]
+    rows = by_row(frame)
+    assert (rows[1]["labels"], rows[1]["negative_labels"], rows[1]["unknown_labels"]) == (["cat"], ["dog", "bird"], [])
+    assert (rows[2]["labels"], rows[2]["negative_labels"], rows[2]["unknown_labels"]) == ([], ["dog", "cat"], ["fish"])
+    assert rows[3]["error"].startswith("negative_labels: labels look like a JSON list but do not parse")
+    assert rows[3]["negative_labels"] == [] and rows[1]["error"] is None
+
+
+def test_label_columns_in_jsonl_and_parquet(tmp_path):
+    lines = [
+        json.dumps({"path": "a.png", "labels": ["cat"]}),
+        json.dumps({"path": "b.png", "labels": [], "unknown_labels": ["dog"], "note": "checked"}),
+        json.dumps({"path": "c.png", "labels": ["cat"], "unknown_labels": 5}),
+    ]
+    frame = read_manifest(write(tmp_path, "m.jsonl", "\n".join(lines) + "\n"))
+    assert list(frame.columns) == ["row", "source", "labels", "unknown_labels", "error", "note"]
+    rows = by_row(frame)
+    assert rows[1]["unknown_labels"] == [] and rows[2]["unknown_labels"] == ["dog"] and rows[2]["labels"] == []
+    assert rows[3]["error"] == "unknown_labels: labels must be a list or a string, got int"
+
+    path = tmp_path / "m.parquet"
+    negatives = pa.array([["dog"], None], pa.list_(pa.string()))
+    table = pa.table({"path": ["a.png", "b.png"], "labels": [["cat"], ["dog"]], "negative_labels": negatives})
+    pq.write_table(table, path)
+    frame = read_manifest(path)
+    assert "unknown_labels" not in frame.columns
+    assert frame["negative_labels"].tolist() == [["dog"], []]

@@ -12,6 +12,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 import yaml
+from image_fixtures import inline_png
+from PIL import Image
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -20,11 +22,12 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mumic_dagster import assets  # noqa: E402
 from mumic_dagster.automation import new_data_sensor, retrain_schedule  # noqa: E402
 from mumic_dagster.definitions import defs  # noqa: E402
+from mumic_dagster.metadata import MAX_INLINE_IMAGE_BYTES  # noqa: E402
 from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource  # noqa: E402
 from mumic_ml import steps  # noqa: E402
 from mumic_ml.config import load_params  # noqa: E402
 from mumic_ml.demo_world import generate_demo_world  # noqa: E402
-from mumic_ml.project import Project, combined_version  # noqa: E402
+from mumic_ml.project import Project, combined_version, data_version_fields  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_NAMES = {
@@ -60,9 +63,11 @@ def resources(root: Path) -> dict:
     return {"project": ProjectResource(root=str(root)), "mlflow": MlflowResource(), "compute": ComputeResource()}
 
 
-def materialize(root: Path, selection=None) -> dg.ExecuteInProcessResult:
+def materialize(root: Path, selection=None, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
     all_assets = dg.load_assets_from_modules([assets])
-    return dg.materialize(all_assets, resources=resources(root), selection=selection, raise_on_error=False)
+    return dg.materialize(
+        all_assets, resources=resources(root), selection=selection, raise_on_error=False, instance=instance
+    )
 
 
 def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
@@ -70,9 +75,16 @@ def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tracking_store):
+def dagster_instance():
+    """The Dagster instance this module's runs record into, so that a test can read their log messages."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tracking_store, dagster_instance):
     root = make_project(tmp_path_factory.mktemp("project"), SMALL)
-    result = materialize(root)
+    result = materialize(root, instance=dagster_instance)
     return root, result
 
 
@@ -90,6 +102,15 @@ def test_definitions_load_and_resolve():
     assert defs.resolve_sensor_def("new_data_sensor").job_name == "retrain_job"
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == ASSET_NAMES
+
+
+def test_every_asset_and_asset_check_tells_a_newcomer_what_it_is():
+    specs = [spec for asset in dg.load_assets_from_modules([assets]) for spec in asset.specs]
+    assert {spec.key.to_user_string() for spec in specs} == ASSET_NAMES
+    assert not [spec.key for spec in specs if len(spec.description or "") < 200]
+    checks = [check for asset in dg.load_assets_from_modules([assets]) for check in asset.check_specs]
+    assert {check.name for check in checks} >= {"labels_in_taxonomy", "no_leakage", "evaluation_gate"}
+    assert not [check.name for check in checks if len(check.description or "") < 20]
 
 
 def test_schedule_requests_a_retrain_run():
@@ -216,6 +237,127 @@ def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
     assert frame["labels"][0] == frame["labels"][1]
 
 
+# The figures each asset shows inline on its page, as Markdown images with the PNG in a data URI.
+FIGURES = {
+    "raw_images": ["sample_images"],
+    "validated_labels": ["label_histogram"],
+    "dataset_splits": ["positives_per_split"],
+    "trained_model": ["training_curves"],
+    "model_evaluation": ["per_class_ap_plot", "pr_curves_plot"],
+}
+# All of one materialization's metadata, figures included: the event log keeps every materialization.
+MAX_METADATA_CHARS = 400_000
+
+
+def is_empty(value: dg.MetadataValue) -> bool:
+    if isinstance(value, dg.TableMetadataValue):
+        return not value.records
+    return value.value is None or value.value in ("", [], {})
+
+
+def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, dg.MetadataValue]]:
+    return {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+
+
+@pytest.mark.slow
+def test_asset_pages_show_figures_inline_numbers_as_numbers_and_no_empty_rows(pipeline_run):
+    root, result = pipeline_run
+    metadata = materialization_metadata(result)
+    for asset, keys in FIGURES.items():
+        for key in keys:
+            png, image = inline_png(metadata[asset][key].md_str)
+            assert len(png) <= MAX_INLINE_IMAGE_BYTES and min(image.size) >= 150, (asset, key, len(png), image.size)
+    for asset, values in metadata.items():
+        assert not [key for key, value in values.items() if is_empty(value)], asset
+        assert sum(len(str(value.value)) for value in values.values()) < MAX_METADATA_CHARS, asset
+        floats = {key: value.value for key, value in values.items() if isinstance(value, dg.FloatMetadataValue)}
+        assert floats == {key: round(value, 4) for key, value in floats.items()}, asset
+
+    evaluation = metadata["model_evaluation"]
+    for key in ("gap_at_10", "gap", "map_macro"):
+        assert isinstance(evaluation[key], dg.FloatMetadataValue), key
+    assert "blue circle" in evaluation["zero_shot_held_out_classes"].value
+    assert {"zero_shot_held_out_map", "zero_shot_note"} & evaluation.keys()
+    trained = metadata["trained_model"]
+    assert isinstance(trained["best_epoch"], dg.IntMetadataValue)
+    assert isinstance(trained["best_val_gap_at_k"], dg.FloatMetadataValue)
+    assert "resumed_from" not in trained
+    assert isinstance(metadata["raw_images"]["images"], dg.IntMetadataValue)
+    assert "first_rejected_rows" not in metadata["raw_images"]  # nothing was rejected: no empty table
+
+    expectations = metadata["validated_labels"]["expectations"].md_str
+    assert expectations.startswith("| expectation | passed | observed |")
+    assert "`labels_in_taxonomy`" in expectations and "| yes |" in expectations
+
+    # One data-version format on every page that names the data.
+    fields = data_version_fields(Project.load(root).data_version())
+    for asset in ("dataset_splits", "trained_model", "registered_model"):
+        assert {key: metadata[asset][key].value for key in fields} == fields, asset
+    assert fields["data_version"] in metadata["registered_model"]["model_card"].md_str
+
+
+@pytest.mark.slow
+def test_the_run_logs_each_pretraining_and_training_epoch(pipeline_run, dagster_instance):
+    _, result = pipeline_run
+    messages = [entry.user_message for entry in dagster_instance.all_logs(result.run_id)]
+    pretrain_epochs = SMALL["pretrain"]["epochs"]
+    assert [m for m in messages if m.startswith("pretrain epoch ")][-1].startswith(
+        f"pretrain epoch {pretrain_epochs}/{pretrain_epochs}: loss "
+    )
+    assert len([m for m in messages if m.startswith("epoch ") and "val GAP@" in m]) == SMALL["train"]["epochs"]
+
+
+@pytest.mark.slow
+def test_the_mlflow_run_and_the_model_version_explain_themselves(pipeline_run, tracking_store):
+    root, result = pipeline_run
+    project = Project.load(root)
+    client = MlflowClient(tracking_store)
+    version = client.get_model_version_by_alias("mumic", "challenger")
+    run = client.get_run(version.run_id)
+    run_id = run.info.run_id
+    md5s = project.data_version()
+    fields = data_version_fields(md5s)
+    assert fields.items() <= run.data.tags.items() and fields.items() <= version.tags.items()
+    assert run.data.tags["dagster_run_id"] == version.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["gate"] == "passed" and "gate_reasons" not in run.data.tags
+    assert run.info.run_name.startswith(f"train {project.params.model.backbone} 20")
+    assert run.info.run_name.endswith(f" data {fields['data_version'][:6]}")
+
+    history = sorted(client.get_metric_history(run_id, "val_gap_at_k"), key=lambda metric: metric.step)
+    assert [metric.step for metric in history] == list(range(SMALL["train"]["epochs"]))
+
+    inputs = {dataset_input.dataset.name: dataset_input for dataset_input in run.inputs.dataset_inputs}
+    contexts = {name: {tag.key: tag.value for tag in i.tags}["mlflow.data.context"] for name, i in inputs.items()}
+    assert contexts == {"train": "training", "val": "validation", "test": "testing"}
+    assert {name: i.dataset.digest for name, i in inputs.items()} == md5s
+    assert json.loads(inputs["train"].dataset.profile)["num_rows"] == len(pd.read_parquet(project.split("train")))
+
+    figures = {a.path for folder in ("figures", "evaluation/plots") for a in client.list_artifacts(run_id, folder)}
+    assert figures >= {
+        "figures/training_curves.png",
+        "figures/label_histogram.png",
+        "figures/positives_per_split.png",
+        "evaluation/plots/per_class_ap.png",
+        "evaluation/plots/pr_curves.png",
+    }
+    curves = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="figures/training_curves.png", tracking_uri=tracking_store
+    )
+    assert Image.open(curves).format == "PNG"
+
+    card = version.description
+    for expected in (
+        fields["data_version"],
+        fields["split_md5.test"],
+        "GAP@10",
+        "gate**: passed",
+        "circle",
+        'mlflow.pyfunc.load_model("models:/mumic@champion")',
+        "make serve",
+    ):
+        assert expected in card, expected
+
+
 @pytest.mark.slow
 def test_promote_then_a_broken_model_fails_the_gate_and_is_not_registered(pipeline_run, tracking_store):
     root, _ = pipeline_run
@@ -236,3 +378,8 @@ def test_promote_then_a_broken_model_fails_the_gate_and_is_not_registered(pipeli
     client = MlflowClient(tracking_store)
     assert [int(v.version) for v in client.search_model_versions("name = 'mumic'")] == [1]
     assert int(client.get_model_version_by_alias("mumic", "champion").version) == 1
+    # The refused model's run says so, and why; it stays FINISHED, since its training did finish.
+    trained = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["trained_model"])
+    refused = client.get_run(trained.materialization.metadata["mlflow_run_id"].value)
+    assert refused.data.tags["gate"] == "failed" and "below" in refused.data.tags["gate_reasons"]
+    assert refused.info.status == "FINISHED"

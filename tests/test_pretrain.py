@@ -13,7 +13,7 @@ from mumic_ml.cli import main
 from mumic_ml.config import DEMO_FOUNDATION, ConfigError, Params, params_from_dict
 from mumic_ml.evaluate import evaluate_model
 from mumic_ml.model_io import load_model_dir
-from mumic_ml.pretrain import export_zero_shot, label_caption, pretrain
+from mumic_ml.pretrain import export_zero_shot, label_caption, pretrain, split_captions
 from mumic_ml.project import Project
 from mumic_ml.steps import foundation_step
 
@@ -93,6 +93,14 @@ def test_split_without_captions_falls_back_to_label_captions(tiny_world, tmp_pat
     assert json.loads(result.meta_path.read_text())["captions_from"] == "labels"
     assert label_caption(["red", "circle", "striped background"]) == "a photo of red, circle and striped background."
     assert label_caption(["circle"]) == "a photo of circle."
+
+
+def test_a_row_without_a_caption_gets_its_label_caption():
+    """An image its dataset left uncaptioned, or a batch without captions combined with one that has them."""
+    captions = ["two pets", None, float("nan"), " "]
+    labels = [["cat", "dog"], ["dog"], ["red", "circle"], []]
+    expected = ["two pets", "a photo of dog.", "a photo of red and circle.", "a photo."]
+    assert split_captions(pd.DataFrame({"caption": captions, "labels": labels})) == expected
 
 
 @pytest.mark.parametrize(

@@ -357,7 +357,7 @@ def test_crash_while_swapping_a_directory_keeps_the_previous_one_whole(tmp_path,
 
 
 @pytest.mark.parametrize(
-    "crash", [("pandas.DataFrame.to_parquet", 2), ("os.replace", 1)], ids=["writing_val", "renaming_train"]
+    "crash", [("pyarrow.parquet.write_table", 2), ("os.replace", 1)], ids=["writing_val", "renaming_train"]
 )
 def test_crash_while_writing_splits_keeps_the_previous_set(tiny_world, tmp_path, monkeypatch, crash):
     """The split files are one set: a crash mid-way never pairs a new train split with an old test split."""

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mumic_ml.split import iterative_stratified_split, split_manifest
@@ -256,3 +258,23 @@ def test_a_partial_set_of_split_files_is_refused(tmp_path):
     (tmp_path / "splits" / "test.parquet").unlink()
     with pytest.raises(ValueError, match=r"not \['test'\].*--reassign"):
         split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+
+
+def test_split_files_carry_negative_and_unknown_labels_typed_as_lists_of_str(tmp_path):
+    """A split where every image has empty negative or unknown lists still stores them as list<string>."""
+    manifest = write_manifest(tmp_path / "m.parquet", num_rows=40)
+    manifest["negative_labels"] = [["tv"] if i == 0 else [] for i in range(len(manifest))]
+    manifest["unknown_labels"] = [[] for _ in range(len(manifest))]
+    manifest["caption"] = [f"photo {i}" for i in range(len(manifest))]
+    manifest.to_parquet(tmp_path / "m.parquet", index=False)
+    split_manifest(tmp_path / "m.parquet", tmp_path / "splits", FRACTIONS, seed=0)
+
+    rows = {}
+    for name in FRACTIONS:
+        table = pq.read_table(tmp_path / "splits" / f"{name}.parquet")
+        assert table.column_names == list(manifest.columns)
+        for column in ("labels", "negative_labels", "unknown_labels"):
+            assert table.schema.field(column).type == pa.list_(pa.string()), (name, column)
+        rows.update({row["image_id"]: row for row in table.to_pylist()})
+    assert rows["img0000"]["negative_labels"] == ["tv"] and rows["img0001"]["negative_labels"] == []
+    assert rows["img0039"]["caption"] == "photo 39" and rows["img0039"]["unknown_labels"] == []

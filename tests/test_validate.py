@@ -282,3 +282,25 @@ def test_ingested_demo_world_passes(tiny_world):
     assert manifest.success, manifest.blocking_failures
     splits = validate_splits({s: tiny_world.splits / f"{s}.parquet" for s in ("train", "val", "test")}, out)
     assert splits.success, splits.blocking_failures
+
+
+def test_negative_and_unknown_labels_are_outside_the_suite_which_counts_present_classes_only(tmp_path):
+    """What the suite makes of the qualified label columns: it reads none of them. An image with only negative or
+    unknown labels has 0 labels for `labels_per_image` (blocking at the default minimum of 1, passing at 0), and a
+    negative or unknown label outside the taxonomy is not flagged (ingest refuses those before the suite runs)."""
+    rows = _rows()
+    rows[6]["labels"] = []
+    negatives = [["dog"] if i == 6 else [] for i in range(len(rows))]
+    unknowns = [["Unicorn"] if i == 0 else [] for i in range(len(rows))]
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = table.append_column("negative_labels", pa.array(negatives, pa.list_(pa.string())))
+    table = table.append_column("unknown_labels", pa.array(unknowns, pa.list_(pa.string())))
+    pq.write_table(table, tmp_path / "m.parquet")
+
+    default = validate_manifest(tmp_path / "m.parquet", TAXONOMY, tmp_path / "default", **RULES)
+    assert _failed(default) == {"labels_per_image"} and not default.success
+    assert default.outcome("labels_per_image").details["examples"][0]["row"] == 6
+    assert default.label_counts == {"cat": 3, "dog": 4, "bird": 3}  # its negative dog is no positive
+
+    rules = {**RULES, "expectations": RULES["expectations"].model_copy(update={"min_labels_per_image": 0})}
+    assert validate_manifest(tmp_path / "m.parquet", TAXONOMY, tmp_path / "relaxed", **rules).success

@@ -46,8 +46,9 @@ starts `uvicorn` by name):
 
 Registry
     `register_model` refuses a model that failed the evaluation gate, is idempotent per run, tags the version and
-    points `challenger` at it. `promote` moves `champion` (the decision is the gate's comparison, made by the
-    promote step) and keeps the old champion as `previous_champion`; `rollback` swaps the two back.
+    points `challenger` at it; `describe_version` sets its description to the `model_card` (Markdown). `promote`
+    moves `champion` (the decision is the gate's comparison, made by the promote step) and keeps the old champion
+    as `previous_champion`; `rollback` swaps the two back.
     `resolve_model_uri` turns `models:/mumic@champion` into a local model directory.
 """
 
@@ -87,6 +88,7 @@ MODEL_DIR_ARTIFACT = "model_dir"
 TAG_GATE = "gate"
 TAG_TEST_SPLIT = "test_split"
 GATE_PASSED = "passed"
+GATE_FAILED = "failed"
 SPLIT_HASH_KEY = "split_sha256"  # where `evaluate_model` reports name the exact bytes of the split they scored
 
 _MODEL_CODE = """\
@@ -295,6 +297,7 @@ class ModelVersionInfo:
     aliases: tuple[str, ...]
     tags: dict[str, str] = field(default_factory=dict)
     created: bool = False  # True only on the version `register_model` has just created
+    description: str = ""  # the model card (Markdown)
 
     @property
     def uri(self) -> str:
@@ -302,7 +305,8 @@ class ModelVersionInfo:
 
     @classmethod
     def from_mlflow(cls, mv) -> ModelVersionInfo:
-        return cls(mv.name, int(mv.version), mv.run_id, mv.source, tuple(mv.aliases or ()), dict(mv.tags or {}))
+        aliases, tags = tuple(mv.aliases or ()), dict(mv.tags or {})
+        return cls(mv.name, int(mv.version), mv.run_id, mv.source, aliases, tags, description=mv.description or "")
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,70 @@ def register_model(
             client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, CHALLENGER, str(version))
     return dataclasses.replace(_get_version(client, name, version), created=existing is None)
+
+
+def model_card(
+    *,
+    name: str,
+    version: int,
+    data_version: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    gate: Mapping[str, Any],
+    class_names: list[str],
+    held_out_classes: list[str],
+    backbone: str,
+    run_id: str,
+    dagster_run_id: str | None = None,
+) -> str:
+    """The model version's description in Markdown: what it was trained on, how it scored, why the gate let it
+    through, what it predicts and how to call it; what someone who finds it in the registry needs first."""
+    lines = [
+        f"## {name} version {version}",
+        "",
+        f"MuMIC multi-label image classifier fine-tuned from `{backbone}`; MLflow run `{run_id}`"
+        + (f", Dagster run `{dagster_run_id}`." if dagster_run_id else "."),
+        "",
+        "**Data version**",
+        "",
+        *(f"- `{key}`: {value}" for key, value in data_version.items()),
+        "",
+        "**Test split**: "
+        + ", ".join(
+            f"{label} {metrics[key]:.4f}"
+            for key, label in (("gap_at_10", "GAP@10"), ("gap", "GAP"), ("map_macro", "mAP"))
+            if metrics.get(key) is not None
+        )
+        + (f" on {metrics['num_images']} images" if metrics.get("num_images") else ""),
+    ]
+    zero_shot = metrics.get("zero_shot") or {}
+    if zero_shot.get("map_held_out") is not None:
+        lines += ["", f"**Zero-shot on held-out classes** (never trained on): mAP {zero_shot['map_held_out']:.4f}"]
+    verdict = "passed" if gate.get("passed") else "failed"
+    lines += ["", f"**Evaluation gate**: {verdict} (GAP@10 floor {gate.get('floor')})"]
+    lines += [f"- {reason}" for reason in gate.get("reasons", [])]
+    lines += [f"- note: {note}" for note in gate.get("notes", [])]
+    lines += ["", f"**Classes** ({len(class_names)}): " + ", ".join(class_names)]
+    if held_out_classes:
+        lines += ["", "**Held out** (scored zero-shot from their names): " + ", ".join(held_out_classes)]
+    lines += [
+        "",
+        "**Use**: once promoted, through the `champion` alias (`challenger` until then):",
+        "",
+        "```python",
+        "import mlflow, pandas as pd",
+        f'model = mlflow.pyfunc.load_model("models:/{name}@{CHAMPION}")',
+        'model.predict(pd.DataFrame({"image": ["photo.jpg"]}), params={"top_k": 5})',
+        "```",
+        "",
+        "Served over REST with `make serve` (port 5001): POST `/invocations` with "
+        '`{"dataframe_split": {"columns": ["image"], "data": [[{"b64": "<base64 image>"}]]}}`.',
+    ]
+    return "\n".join(lines)
+
+
+def describe_version(name: str, version: int, description: str, *, tracking_uri: str | None = None) -> None:
+    """The version's description as the registry UI shows it on the version page (Markdown)."""
+    MlflowClient(tracking_uri).update_model_version(name, str(version), description=description)
 
 
 def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersionInfo | None:

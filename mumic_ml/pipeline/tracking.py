@@ -7,7 +7,8 @@ Every function takes the tracking URI as an argument (None: MLflow's current one
 an `MlflowClient` bound to it, so nothing here leaks into MLflow's process-global state; `tracking_scope` is the one
 exception, for the MLflow APIs that exist only in fluent form.
 
-Runs record the flattened parameters, the data version and the git commit. Nothing is read from the environment
+Runs record the flattened parameters, the data version and the git commit; the training step adds the splits as
+dataset inputs, figures as image artifacts and the orchestrator's run id. Nothing is read from the environment
 into a run: secrets in environment variables never reach the store.
 """
 
@@ -17,17 +18,22 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric, Param
+import mlflow.data
+import pandas as pd
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mumic_ml.project import Project
 
@@ -35,6 +41,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TAG_DATA_VERSION = "data_version"
 TAG_GIT_COMMIT = "git_commit"
+TAG_DAGSTER_RUN_ID = "dagster_run_id"
 UNKNOWN = "unknown"
 SQLITE_PREFIX = "sqlite:///"
 
@@ -209,3 +216,51 @@ def log_artifacts(
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_png(run_id: str, png: bytes, artifact_file: str, *, tracking_uri: str | None = None) -> None:
+    """A rendered figure (PNG bytes) as the image artifact `artifact_file` ("figures/training_curves.png")."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="mumic-figure-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(png)
+        MlflowClient(tracking_uri).log_artifact(run_id, str(path), folder or None)
+
+
+def set_tags(run_id: str, tags: Mapping[str, str | None], *, tracking_uri: str | None = None) -> None:
+    """Set each tag; a None value removes the tag, so a re-evaluated run shows no stale verdict."""
+    client = MlflowClient(tracking_uri)
+    present = client.get_run(run_id).data.tags
+    for key, value in tags.items():
+        if value is not None:
+            client.set_tag(run_id, key, value)
+        elif key in present:
+            client.delete_tag(run_id, key)
+
+
+# How the MLflow UI labels what each split was used for (the input tag `mlflow.data.context`).
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")
+
+
+def log_split_datasets(
+    run_id: str,
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    sources: Mapping[str, Path],
+    digests: Mapping[str, str],
+    tracking_uri: str | None = None,
+) -> None:
+    """Each split as an MLflow dataset input of the run (its Datasets column): the split file as the source and
+    its md5, the hash dvc.lock records, as the digest; the context says what the split was used for."""
+    inputs = []
+    for name, frame in frames.items():
+        with warnings.catch_warnings():
+            # MLflow warns that a local path matches two equivalent source types and that integer columns cannot
+            # hold missing values; neither applies to a split file, and both would repeat in every training log.
+            warnings.simplefilter("ignore", UserWarning)
+            described = mlflow.data.from_pandas(frame, source=str(sources[name]), name=name, digest=digests[name])
+            dataset = Dataset(**{key: described.to_dict().get(key) for key in DATASET_FIELDS})
+        context = DATASET_CONTEXTS.get(name, name)
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
