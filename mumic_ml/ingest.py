@@ -211,16 +211,25 @@ def _check_row(
     return row
 
 
+def relative_path_problem(path: str) -> tuple[str, str] | None:
+    """(reason, detail) when a path from a manifest or a dataset's annotations cannot name a file inside the images
+    root, judged from the text alone (no disk access); None when it can. Ingest and the importers share it."""
+    if not path or "\x00" in path:
+        return "invalid_path", f"path is empty or contains a NUL byte: {path!r}"
+    if path.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(path):
+        return "absolute_path", f"path must be relative to the images root: {path!r}"
+    relative = posixpath.normpath(path)
+    if relative == ".." or relative.startswith("../"):
+        return "path_traversal", f"path climbs out of the images root: {path!r}"
+    return None
+
+
 def _locate(source: str, root_real: Path) -> str | tuple[str, str]:
     """The real path of a manifest path inside the images root, or (reason, detail) saying why there is none."""
-    if "\x00" in source:
-        return "invalid_path", f"path contains a NUL byte: {source!r}"
-    if source.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(source):
-        return "absolute_path", f"path must be relative to the images root: {source!r}"
-    relative = posixpath.normpath(source)
-    if relative == ".." or relative.startswith("../"):
-        return "path_traversal", f"path climbs out of the images root: {source!r}"
-    candidate = root_real / relative
+    problem = relative_path_problem(source)
+    if problem is not None:
+        return problem
+    candidate = root_real / posixpath.normpath(source)
     if not os.path.lexists(candidate):
         return "missing_file", f"no such file under the images root: {source!r}"
     real = Path(os.path.realpath(candidate))

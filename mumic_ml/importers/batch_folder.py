@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import posixpath
-import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mumic_ml.batches import MANIFEST_NAMES
+from mumic_ml.ingest import relative_path_problem
 from mumic_ml.io import atomic_directory, atomic_path
 from mumic_ml.manifest import LABEL_LIST_TYPE
 from mumic_ml.taxonomy import ClassSpec, Taxonomy, normalise_label, save_taxonomy
@@ -62,7 +62,6 @@ REASONS = {
     "conflicting_labels": "the same class is marked both present and absent",
 }
 
-_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 class DatasetImportError(ValueError):
@@ -209,13 +208,10 @@ def require_images_left(kept: list, rejections: list[Rejection]) -> None:
 
 def locate_image(images_dir: Path, file_name: str) -> Path | tuple[str, str]:
     """The image file a dataset entry names, or (reason, detail) when it names none safely."""
-    if not file_name or "\x00" in file_name:
-        return "invalid_path", f"not a usable file name: {file_name!r}"
-    if file_name.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(file_name):
-        return "invalid_path", f"file names must be relative to the images folder: {file_name!r}"
+    problem = relative_path_problem(file_name)
+    if problem is not None:
+        return "invalid_path", problem[1]
     relative = posixpath.normpath(file_name)
-    if relative == ".." or relative.startswith("../"):
-        return "invalid_path", f"the file name climbs out of the images folder: {file_name!r}"
     path = images_dir / relative
     if not path.is_file():
         return "missing_image", f"no file {relative} in {images_dir}"
