@@ -280,6 +280,8 @@ def train_step(
         tags={**data_version_fields(version), **({TAG_DAGSTER_RUN_ID: dagster_run_id} if dagster_run_id else {})},
         run_name=f"train {params.model.backbone} {today} data {data_version[:6]}",
         repo_dir=project.root,
+        source="dagster asset trained_model" if dagster_run_id else "mumic train",
+        source_type="JOB" if dagster_run_id else "LOCAL",
     ) as run_id:
         frames = {name: read_split(project.split(name)) for name in SPLITS}
         sources = {name: project.split(name) for name in SPLITS}

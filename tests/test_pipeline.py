@@ -321,6 +321,8 @@ def test_the_mlflow_run_and_the_model_version_explain_themselves(pipeline_run, t
     assert run.data.tags["dagster_run_id"] == version.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["gate"] == "passed" and "gate_reasons" not in run.data.tags
     assert run.info.run_name.startswith(f"train {project.params.model.backbone} 20")
+    assert run.data.tags["mlflow.source.name"] == "dagster asset trained_model"  # the UI's Source column
+    assert run.data.tags["mlflow.source.type"] == "JOB"
     assert run.info.run_name.endswith(f" data {fields['data_version'][:6]}")
 
     history = sorted(client.get_metric_history(run_id, "val_gap_at_k"), key=lambda metric: metric.step)

@@ -169,8 +169,13 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     run_name: str | None = None,
     repo_dir: str | os.PathLike | None = None,
+    source: str | None = None,
+    source_type: str = "LOCAL",
 ) -> Iterator[str]:
     """Open a run that records params, data version and git commit; yield its id; close it FINISHED or FAILED.
+
+    `source` is what started the run (the MLflow UI's Source column; `source_type` one of MLflow's source types,
+    LOCAL for a command, JOB for an orchestrated run).
 
     The run is created through the client rather than `mlflow.start_run`, so it is not the process's "active run"
     and several pipelines in one process (Dagster) cannot log into each other's runs.
@@ -182,6 +187,7 @@ def start_run(
         TAG_DATA_VERSION: data_version or UNKNOWN,
         TAG_GIT_COMMIT: commit,
         **({"mlflow.source.git.commit": commit} if commit != UNKNOWN else {}),
+        **({"mlflow.source.name": source, "mlflow.source.type": source_type} if source else {}),
         **(tags or {}),
     }
     run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
