@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -47,7 +50,8 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
 
 
 # Every MLflow run of the test session goes to a throwaway store, never to mlflow.db / mlartifacts in the repo.
-_MLFLOW_DIR = Path(__import__("tempfile").mkdtemp(prefix="mumic-mlflow-"))
+_MLFLOW_DIR = Path(tempfile.mkdtemp(prefix="mumic-mlflow-"))
+atexit.register(shutil.rmtree, _MLFLOW_DIR, ignore_errors=True)  # one per test process; none left in /tmp
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR / 'mlflow.db'}"
 
 
