@@ -127,3 +127,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(root: Path, target: str, ready_path: str, log_path: Path) -> Iterator[str]:
+    """`make <target>` on a free loopback port until the server answers at `ready_path`; yields its base URL."""
+    port = free_port()
+    with make_target(root, target, port, clean_env(), log_path) as proc:
+        wait_for(f"http://127.0.0.1:{port}{ready_path}", proc, log_path)
+        yield f"http://127.0.0.1:{port}"

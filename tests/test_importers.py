@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from image_fixtures import noise
+from test_ingest import write_csv
 
 from mumic_ml.batches import ingest_batches
 from mumic_ml.cli import main
@@ -434,15 +435,6 @@ OPENIMAGES_REJECTED = {
 }
 
 
-def write_csv(path: Path, rows, header=None) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        if header:
-            writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture
 def openimages(tmp_path):
     folder = tmp_path / "openimages"
@@ -452,7 +444,7 @@ def openimages(tmp_path):
     rows = [(image_id, "verification", mid, confidence) for image_id, mid, confidence in LABEL_ROWS]
     first = write_csv(folder / "validation-annotations-human-imagelabels-boxable.csv", rows[:8], header)
     second = write_csv(folder / "validation-annotations-human-imagelabels.csv", rows[8:], header)
-    classes = write_csv(folder / "class-descriptions-boxable.csv", CLASS_DESCRIPTIONS)
+    classes = write_csv(folder / "class-descriptions-boxable.csv", CLASS_DESCRIPTIONS, header=None)
     return [first, second], classes, folder / "validation"
 
 

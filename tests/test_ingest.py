@@ -31,9 +31,11 @@ def rejections_by_reason(rejected_csv) -> dict[str, int]:
 
 
 def write_csv(path, rows, header=("path", "labels", "caption")):
+    """A CSV file of `rows` under `header` (None: no header row, as some dataset files have)."""
     with open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(header)
+        if header:
+            writer.writerow(header)
         writer.writerows(rows)
     return path
 

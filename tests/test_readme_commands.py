@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from repo_copy import REPO, clean_env, copy_repository, free_port, make, make_target, run_as_written, wait_for
+from repo_copy import REPO, copy_repository, make, run_as_written, serving
 from test_launch import DEMO_REPOSITORY_LABEL, runs_listed_on_job_page
 from test_pipeline import ASSET_NAMES, SMALL
 
@@ -71,21 +71,15 @@ def test_mumic_predict_scores_a_photo_with_the_champion_and_an_extra_class(demo_
 @pytest.fixture(scope="module")
 def dagster_ui(demo_repo, tmp_path_factory):
     """`make ui` (dagster dev: webserver, daemon, code server) on the demo's instance; its base URL."""
-    root, _ = demo_repo
-    port, log = free_port(), tmp_path_factory.mktemp("ui") / "ui.log"
-    with make_target(root, "ui", port, clean_env(), log) as proc:
-        wait_for(f"http://127.0.0.1:{port}/server_info", proc, log)
-        yield f"http://127.0.0.1:{port}"
+    with serving(demo_repo[0], "ui", "/server_info", tmp_path_factory.mktemp("ui") / "ui.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(demo_repo, tmp_path_factory):
     """`make mlflow-ui` on the demo's own store; its base URL."""
-    root, _ = demo_repo
-    port, log = free_port(), tmp_path_factory.mktemp("mlflow_ui") / "ui.log"
-    with make_target(root, "mlflow-ui", port, clean_env(), log) as proc:
-        wait_for(f"http://127.0.0.1:{port}/", proc, log)
-        yield f"http://127.0.0.1:{port}"
+    with serving(demo_repo[0], "mlflow-ui", "/", tmp_path_factory.mktemp("mlflow_ui") / "ui.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
