@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip==26.3"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,services,dev]"
 	# Dagster's asset-selection parser needs the ANTLR 4.13 runtime; DVC's hydra-core pins 4.9 but only loads it
 	# for `dvc exp` with hydra composition, which this project does not use. See docs/architecture.md.
 	$(BIN)/python -m pip install --quiet --no-deps "antlr4-python3-runtime==4.13.2"

@@ -7,13 +7,21 @@ once per seed, and scored on the test split: GAP@10, GAP, macro mAP, mAP over th
 on the held-out classes and the image embeddings' retrieval mAP. Every finished run is saved at once, so a killed
 run continues where it stopped when started again with the same --workdir.
 
+A second setting measures partial labels: a share of the train split's (image, class) entries (`Budget.hidden`,
+drawn with the run's seed) is hidden as unknown, hidden positives leaving `labels`, while val and test stay whole;
+MuMIC is then trained with the unknown entries masked out of the loss (`train.partial_labels: true`) and with them
+counted as negatives (false), on the same seeds.
+
     python benchmarks/quality.py --quick              # CI: a few minutes
     python benchmarks/quality.py                      # the full table in docs/results.md (~45 min on 2 cores)
+    python benchmarks/quality.py --variants "MuMIC, unknown masked" "MuMIC, unknown as negative" --out DIR
+                                                      # the partial-labels rows alone
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import platform
@@ -26,14 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
 
 from mumic_ml import steps
+from mumic_ml.data import read_split
 from mumic_ml.demo_world import generate_demo_world
-from mumic_ml.io import atomic_write_json, atomic_write_text, read_json
+from mumic_ml.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from mumic_ml.pretrain import export_zero_shot
 from mumic_ml.project import Project
+from mumic_ml.split import label_lists_as_strings
+from mumic_ml.taxonomy import load_taxonomy, training_classes
 from mumic_ml.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +68,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "MuMIC + learned bias": {"model.learn_bias": True},
     "MuMIC, tuned text tower": {"model.freeze_text": False},
     "MuMIC from random init": {"model.pretrained": None},
+}
+# The partial-labels setting: MuMIC on train labels with `Budget.hidden` of the entries unknown, masked or not.
+PARTIAL_VARIANTS: dict[str, dict[str, Any]] = {
+    "MuMIC, unknown masked": {"train.partial_labels": True},
+    "MuMIC, unknown as negative": {"train.partial_labels": False},
 }
 METRICS = ("gap_at_10", "gap", "map_macro", "map_top_n", "held_out_map", "retrieval_map")
 METRIC_TITLES = {
@@ -74,6 +94,7 @@ class Budget:
     train_epochs: int
     seeds: tuple[int, ...]
     noise: tuple[float, ...]
+    hidden: float = 0.3  # share of the train split's (image, class) entries hidden as unknown for PARTIAL_VARIANTS
 
 
 FULL = Budget(n_images=3000, pretrain_epochs=20, train_epochs=3, seeds=(0, 1, 2), noise=(0.0, 0.2, 0.4))
@@ -110,6 +131,39 @@ def build_project(root: Path, budget: Budget) -> Project:
     return project
 
 
+def hide_entries(frame: pd.DataFrame, class_names: list[str], fraction: float, seed: int) -> pd.DataFrame:
+    """A copy of a split whose hidden (image, class) entries, each drawn with probability `fraction`, are moved to
+    `unknown_labels`: a hidden positive leaves `labels`, a hidden negative leaves `negative_labels` if listed."""
+    hidden = np.random.default_rng(seed).random((len(frame), len(class_names))) < fraction
+    unknown = [[name for name, is_hidden in zip(class_names, row) if is_hidden] for row in hidden]
+    hidden_sets = [set(row) for row in unknown]
+    frame = frame.copy()
+    for column in ("labels", "negative_labels"):
+        if column in frame.columns:
+            frame[column] = [
+                [label for label in labels if label not in hide] for labels, hide in zip(frame[column], hidden_sets)
+            ]
+    frame["unknown_labels"] = unknown
+    return frame
+
+
+def hidden_splits(project: Project, fraction: float, seed: int) -> Path:
+    """The project's split files with `fraction` of the train split's entries of the trained classes hidden as
+    unknown (val and test unchanged); written once per fraction and seed and reused."""
+    out = project.root / "partial" / f"hidden={fraction:g}_seed={seed}"
+    if out.is_dir():
+        return out
+    class_names, _, _ = training_classes(load_taxonomy(project.taxonomy), project.params.train.held_out_classes)
+    with atomic_directory(out) as staging:
+        for name in ("train", "val", "test"):
+            frame = read_split(project.split(name))
+            if name == "train":
+                frame = hide_entries(frame, class_names, fraction, seed)
+            table = label_lists_as_strings(pa.Table.from_pandas(frame, preserve_index=False))
+            pq.write_table(table, staging / f"{name}.parquet")
+    return out
+
+
 def _scores(report: dict[str, Any]) -> dict[str, float | None]:
     held_out = report.get("zero_shot", {}).get("map_held_out")
     return {
@@ -134,9 +188,18 @@ def run_zero_shot(project: Project, weights: str) -> dict[str, Any]:
 
 
 def run_variant(
-    project: Project, weights: str, name: str, overrides: dict[str, Any], noise: float, seed: int
+    project: Project,
+    weights: str,
+    name: str,
+    overrides: dict[str, Any],
+    noise: float,
+    seed: int,
+    hidden: float = 0.0,
 ) -> dict[str, Any]:
-    """Fine-tune one variant at one noise level and seed, score it on the test split, keep only the scores."""
+    """Fine-tune one variant at one noise level and seed, score it on the test split, keep only the scores.
+
+    With `hidden`, the variant trains on `hidden_splits` (that share of the train entries unknown) instead."""
+    splits_dir = hidden_splits(project, hidden, seed) if hidden else project.splits
     settings = {
         "model.pretrained": weights,
         "train.seed": seed,
@@ -149,7 +212,7 @@ def run_variant(
     with tempfile.TemporaryDirectory(dir=project.root) as tmp:
         result = train(
             run_params,
-            splits_dir=project.splits,
+            splits_dir=splits_dir,
             images_root=project.ingested,
             taxonomy_path=project.taxonomy,
             run_dir=Path(tmp) / "run",
@@ -161,6 +224,7 @@ def run_variant(
     return {
         "variant": name,
         "noise": noise,
+        "hidden": hidden,
         "seed": seed,
         "overrides": settings,
         "scores": _scores(report),
@@ -172,12 +236,13 @@ def run_variant(
     }
 
 
-def _run_key(name: str, noise: float, seed: int) -> str:
-    return f"{name}|noise={noise:g}|seed={seed}"
+def _run_key(name: str, noise: float, seed: int, hidden: float = 0.0) -> str:
+    return f"{name}|noise={noise:g}|seed={seed}" if not hidden else f"{name}|hidden={hidden:g}|seed={seed}"
 
 
 def summarise(runs: list[dict[str, Any]], zero_shot: dict[str, Any], budget: Budget) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation over seeds of every metric, per variant and noise level."""
+    """Mean and sample standard deviation over seeds of every metric, per variant and noise level; the
+    partial-labels variants (no noise, `budget.hidden` of the train entries unknown) last."""
     rows = []
     for name in VARIANTS:
         for noise in budget.noise:
@@ -185,13 +250,20 @@ def summarise(runs: list[dict[str, Any]], zero_shot: dict[str, Any], budget: Bud
                 group = [zero_shot["scores"]]
             else:
                 group = [r["scores"] for r in runs if r["variant"] == name and r["noise"] == noise]
-            row: dict[str, Any] = {"variant": name, "noise": noise, "n": len(group)}
-            for metric in METRICS:
-                values = [g[metric] for g in group if g.get(metric) is not None]
-                row[metric] = statistics.fmean(values) if values else None
-                row[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
-            rows.append(row)
+            rows.append(_summary_row(name, noise, 0.0, group))
+    for name in PARTIAL_VARIANTS:
+        group = [r["scores"] for r in runs if r["variant"] == name]
+        rows.append(_summary_row(name, 0.0, budget.hidden, group))
     return rows
+
+
+def _summary_row(name: str, noise: float, hidden: float, group: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": name, "noise": noise, "hidden": hidden, "n": len(group)}
+    for metric in METRICS:
+        values = [g[metric] for g in group if g.get(metric) is not None]
+        row[metric] = statistics.fmean(values) if values else None
+        row[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+    return row
 
 
 def _cell(row: dict[str, Any], metric: str, best: float | None) -> str:
@@ -203,12 +275,19 @@ def _cell(row: dict[str, Any], metric: str, best: float | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], budget: Budget) -> str:
-    """One table per noise level; the best mean of each column in bold."""
+    """One table per noise level, then one for the partial-labels setting; the best mean of each column in bold.
+    A table none of whose variants ran is left out."""
+    titles = [f"{noise:.0%} missing positives in the training labels" for noise in budget.noise]
+    titles.append(f"{budget.hidden:.0%} of the training entries hidden as unknown")
+    groups: list[list[dict[str, Any]]] = [[] for _ in titles]
+    for r in rows:
+        groups[-1 if r["hidden"] else budget.noise.index(r["noise"])].append(r)
     parts = []
-    for noise in budget.noise:
-        group = [r for r in rows if r["noise"] == noise]
+    for title, group in zip(titles, groups):
+        if not any(r["n"] for r in group):
+            continue
         best = {m: max((r[m] for r in group if r[m] is not None), default=None) for m in METRICS}
-        parts.append(f"**{noise:.0%} missing positives in the training labels**\n")
+        parts.append(f"**{title}**\n")
         parts.append("| variant | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |")
         parts.append("|---|" + "---|" * len(METRICS))
         for r in group:
@@ -255,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny world, 1 seed, 2 noise levels (CI)")
     parser.add_argument("--workdir", type=Path, help="project folder, reused to resume (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="results folder (default: docs/results, quick: reports/quality)")
-    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="only these (default: all)")
+    parser.add_argument(
+        "--variants", nargs="*", choices=[*VARIANTS, *PARTIAL_VARIANTS], help="only these (default: all)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -264,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = args.workdir is not None
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="mumic-quality-"))).resolve()
-    variants = {name: VARIANTS[name] for name in (args.variants or VARIANTS)}
+    selected = set(args.variants or [*VARIANTS, *PARTIAL_VARIANTS])
     started = time.perf_counter()
     try:
         project = build_project(root, budget)
@@ -282,28 +363,35 @@ def main(argv: list[str] | None = None) -> int:
             return result
 
         zero_shot = cached(ZERO_SHOT, lambda: run_zero_shot(project, foundation.weights))
+        # (variant, overrides, noise, seed, hidden share): every noise level, then the partial-labels setting.
+        jobs = [
+            (name, overrides, noise, seed, 0.0)
+            for noise in budget.noise
+            for seed in budget.seeds
+            for name, overrides in VARIANTS.items()
+            if name in selected and overrides is not None
+        ]
+        jobs += [
+            (name, overrides, 0.0, seed, budget.hidden)
+            for seed in budget.seeds
+            for name, overrides in PARTIAL_VARIANTS.items()
+            if name in selected
+        ]
         runs = []
-        for noise in budget.noise:
-            for seed in budget.seeds:
-                for name, overrides in variants.items():
-                    if overrides is None:
-                        continue
-                    key = _run_key(name, noise, seed)
-                    run = cached(
-                        key,
-                        lambda n=name, o=overrides, z=noise, s=seed: run_variant(
-                            project, foundation.weights, n, o, z, s
-                        ),
-                    )
-                    runs.append(run)
-                    scores = run["scores"]
-                    print(
-                        f"{key:45s} GAP@10 {scores['gap_at_10']:.4f}  mAP {scores['map_macro']:.4f}  "
-                        f"retrieval {scores['retrieval_map']:.4f}  {run['seconds']:.0f} s",
-                        flush=True,
-                    )
+        for name, overrides, noise, seed, hidden in jobs:
+            key = _run_key(name, noise, seed, hidden)
+            run = cached(
+                key, functools.partial(run_variant, project, foundation.weights, name, overrides, noise, seed, hidden)
+            )
+            runs.append(run)
+            scores = run["scores"]
+            print(
+                f"{key:45s} GAP@10 {scores['gap_at_10']:.4f}  mAP {scores['map_macro']:.4f}  "
+                f"retrieval {scores['retrieval_map']:.4f}  {run['seconds']:.0f} s",
+                flush=True,
+            )
         rows = summarise(runs, zero_shot, budget)
-        table = markdown_table([r for r in rows if r["variant"] in variants], budget)
+        table = markdown_table([r for r in rows if r["variant"] in selected], budget)
         elapsed = time.perf_counter() - started
         results = {
             "budget": budget.__dict__,

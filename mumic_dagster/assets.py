@@ -1,6 +1,7 @@
 """The asset graph: raw_images -> validated_labels -> dataset_splits -> (foundation_model) -> trained_model ->
-model_evaluation -> registered_model. Each asset calls one step of `mumic_ml.steps` and reports what a reviewer
-wants to see: figures inline, numbers as numbers, the data version in one format (`mumic_dagster.metadata`)."""
+model_evaluation -> registered_model, and label_audit after dataset_splits and trained_model. Each asset calls one
+step of `mumic_ml.steps` and reports what a reviewer wants to see: figures inline, numbers as numbers, the data
+version in one format (`mumic_dagster.metadata`)."""
 
 from pathlib import Path
 
@@ -287,9 +288,10 @@ def model_evaluation(project: ProjectResource, mlflow: MlflowResource) -> dg.Mat
     """The trained model on the test split, and the gate (a blocking check) that decides whether it is registered.
 
     GAP@10 is the headline (the Plots tab charts it across materializations); `per_class_ap_plot` shows which
-    classes are weak, `pr_curves_plot` where thresholds can sit, and the `zero_shot_held_out_*` numbers how
-    classes never trained on score from their names alone. The gate compares with the floor and with the champion
-    re-measured on the same split.
+    classes are weak, `pr_curves_plot` where thresholds can sit, `reliability_plot` and `ece_raw` /
+    `ece_calibrated` how far the scores are from frequencies before and after the model's fitted calibration, and
+    the `zero_shot_held_out_*` numbers how classes never trained on score from their names alone. The gate compares
+    with the floor and with the champion re-measured on the same split.
     """
     outcome = steps.evaluate_and_gate_step(mlflow.track(project.load()))
     report, gate = outcome.report, outcome.gate
@@ -307,6 +309,11 @@ def model_evaluation(project: ProjectResource, mlflow: MlflowResource) -> dg.Mat
                 "gate_passed": gate.passed,
                 "per_class_ap_plot": _plot_file("per-class AP", plots.get("per_class_ap")),
                 "pr_curves_plot": _plot_file("precision-recall curves", plots.get("precision_recall")),
+                "ece_raw": report["ece_raw"],
+                "ece_calibrated": report["ece_calibrated"],
+                "calibration_temperature": report["calibration"]["temperature"],
+                "calibration_bias": report["calibration"]["bias"],
+                "reliability_plot": _plot_file("reliability diagram", plots.get("reliability")),
                 "per_class_ap": table(sorted(per_class, key=lambda r: r["ap"] or 0), ["class", "ap"]),
                 "zero_shot_held_out_classes": ", ".join(zero_shot.get("classes", [])),
                 "zero_shot_held_out_map": zero_shot.get("map_held_out"),
@@ -353,6 +360,39 @@ def registered_model(
                 "newly_created": version.created,
                 **data_version,
                 "model_card": dg.MetadataValue.md(version.description),
+            }
+        )
+    )
+
+
+SUSPECT_COLUMNS = ["rank", "image", "class", "score", "source"]
+TOP_SUSPECTS = 15
+
+
+@dg.asset(deps=[dataset_splits, trained_model], group_name=DATA, owners=OWNERS, kinds={"pytorch"})
+def label_audit(project: ProjectResource, compute: ComputeResource) -> dg.MaterializeResult:
+    """Which training labels look wrong: every training image scored out of fold (k-fold cross-fitting of a linear
+    head on frozen image embeddings, `audit` in params.yaml), ranked into suspected missing labels (labelled
+    absent, scored high) and suspected wrong ones (labelled present, scored low). Look at `top_missing` and
+    `top_wrong`; work through `report` (thumbnails, accept/reject), download the reviewed CSV and run
+    `mumic audit --apply reviewed.csv`: the next run ingests the corrections as a batch and retrains on them."""
+    loaded = project.load().updated({"audit.device": compute.device})
+    result = steps.audit_step(loaded)
+    return dg.MaterializeResult(
+        metadata=clean(
+            {
+                "training_images": result.n_images,
+                "classes": result.n_classes,
+                "folds": loaded.params.audit.folds,
+                "backbone": loaded.params.audit.backbone.value,
+                "embedded_now": result.embedded_now,
+                "missing_candidates": result.candidates["missing"],
+                "wrong_candidates": result.candidates["wrong"],
+                "top_missing": markdown_table(result.rows["missing"][:TOP_SUSPECTS], SUSPECT_COLUMNS),
+                "top_wrong": markdown_table(result.rows["wrong"][:TOP_SUSPECTS], SUSPECT_COLUMNS),
+                "seconds": round(result.seconds, 1),
+                "suspects": dg.MetadataValue.path(str(result.csv_path)),
+                "report": dg.MetadataValue.path(str(result.html_path)),
             }
         )
     )

@@ -2,12 +2,19 @@
 
 import dagster as dg
 
+from mumic_dagster.catalogue import CATALOGUE
 from mumic_dagster.resources import MlflowResource, ProjectResource
 from mumic_ml import steps
 
+# The tag the instance's run queue limits (deploy/dagster.yaml: one run at a time holds the training device); a
+# job that trains carries it, so runs from the UI, the schedule, the sensor and `mumic_dagster.launch` all queue.
+GPU_TAG, TRAIN = "mumic/gpu", "train"
+
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.all(),
+    tags={GPU_TAG: TRAIN},
+    # The catalogue follows the champion (champion_sensor), which a retrain does not move.
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups(CATALOGUE),
     description="Ingest new batches, validate, split, fine-tune, evaluate and register behind the gate.",
 )
 

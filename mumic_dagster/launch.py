@@ -6,17 +6,25 @@ which nothing drains until the daemon runs (`make ui`). This loads workspace.yam
 does (the job's remote origin, hence the `.dagster/repository` tag) and hands it straight to the run launcher, so
 the run executes now in the code location's own server, and this process waits for it.
 
+With `--queue` the run goes to the instance's run queue instead, for a running `dagster-daemon` to start within the
+queue's limits: on shared services (deploy/dagster.yaml) one training run at a time, whoever launched the others.
+Before anything, the instance's PostgreSQL storage (if it has one) must accept the connection; if not, one line
+says which setting to fix instead of Dagster's retries and traceback.
+
     DAGSTER_HOME=.dagster_home python -m mumic_dagster.launch retrain_job promote_job
+    DAGSTER_HOME=/srv/dagster python -m mumic_dagster.launch --queue retrain_job
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 from dagster._core.errors import DagsterUserCodeUnreachableError
@@ -31,6 +39,8 @@ from dagster._core.workspace.context import (
 from dagster._core.workspace.load_target import WorkspaceFileTarget
 from dagster._grpc.constants import GrpcServerCommand
 from dagster._utils.error import SerializableErrorInfo
+
+from mumic_ml.pipeline.services import dagster_storage_problem
 
 LAUNCHED_BY_TAG = "mumic/launched_by"
 POLL_SECONDS = 1.0
@@ -54,18 +64,22 @@ class RunOutcome:
         return self.status == dg.DagsterRunStatus.SUCCESS
 
 
-def launch_jobs(instance: dg.DagsterInstance, workspace_file: str, job_names: Sequence[str]) -> list[RunOutcome]:
+def launch_jobs(
+    instance: dg.DagsterInstance, workspace_file: str, job_names: Sequence[str], *, queue: bool = False
+) -> list[RunOutcome]:
     """Run each job in turn, stopping at the first that does not succeed (a later job builds on an earlier one).
 
-    The workspace stays open until the last run ends, because the code location's server executes the runs."""
+    The workspace stays open until the last run ends, because the code location's server executes the runs (with
+    `queue`, the daemon's does)."""
     outcomes: list[RunOutcome] = []
     with open_workspace(instance, workspace_file) as workspace:
         remote_jobs = [find_job(workspace, name) for name in job_names]
         for remote_job in remote_jobs:
             run = create_run(workspace, remote_job)
             where = remote_job.handle.location_name
-            print(f"{remote_job.name}: run {run.run_id} launched in code location {where}", flush=True)
-            outcome = launch_and_wait(instance, workspace, run)
+            how = "queued for" if queue else "launched in"
+            print(f"{remote_job.name}: run {run.run_id} {how} code location {where}", flush=True)
+            outcome = launch_and_wait(instance, workspace, run, queue=queue)
             print(_summary(outcome), flush=True)
             outcomes.append(outcome)
             if not outcome.succeeded:
@@ -106,14 +120,17 @@ def find_job(workspace: BaseWorkspaceRequestContext, job_name: str) -> RemoteJob
     return matches[0]
 
 
-def create_run(workspace: BaseWorkspaceRequestContext, remote_job: RemoteJob) -> dg.DagsterRun:
+def create_run(
+    workspace: BaseWorkspaceRequestContext, remote_job: RemoteJob, run_config: Mapping[str, Any] | None = None
+) -> dg.DagsterRun:
     """A run created as the UI's launchpad creates one: the remote origin is what the job's Runs tab (through the
-    `.dagster/repository` tag it implies) and the Overview timeline select on."""
-    plan = workspace.get_execution_plan(remote_job, {}, step_keys_to_execute=None, known_state=None)
+    `.dagster/repository` tag it implies) and the Overview timeline select on. `run_config` is the launchpad's."""
+    run_config = dict(run_config or {})
+    plan = workspace.get_execution_plan(remote_job, run_config, step_keys_to_execute=None, known_state=None)
     return workspace.instance.create_run(
         job_name=remote_job.name,
         run_id=None,
-        run_config={},
+        run_config=run_config,
         status=dg.DagsterRunStatus.NOT_STARTED,
         tags={**remote_job.tags, LAUNCHED_BY_TAG: __name__},
         root_run_id=None,
@@ -133,17 +150,21 @@ def create_run(workspace: BaseWorkspaceRequestContext, remote_job: RemoteJob) ->
 
 
 def launch_and_wait(
-    instance: dg.DagsterInstance, workspace: BaseWorkspaceRequestContext, run: dg.DagsterRun
+    instance: dg.DagsterInstance, workspace: BaseWorkspaceRequestContext, run: dg.DagsterRun, *, queue: bool = False
 ) -> RunOutcome:
-    """Launch the run (bypassing the queue, which only the daemon drains) and poll it until it ends; Ctrl-C
-    cancels the run rather than leaving it running with nobody waiting."""
+    """Launch the run (bypassing the queue, which only the daemon drains), or with `queue` submit it to the queue,
+    and poll it until it ends; Ctrl-C cancels the run, queued or running, rather than leave it with nobody
+    waiting."""
     started = time.monotonic()
-    instance.launch_run(run.run_id, workspace)
+    if queue:
+        instance.submit_run(run.run_id, workspace)
+    else:
+        instance.launch_run(run.run_id, workspace)
     try:
         finished = _poll_until_finished(instance, run.run_id, deadline=None)
     except KeyboardInterrupt:
         try:
-            instance.run_launcher.terminate(run.run_id)
+            instance.run_coordinator.cancel_run(run.run_id)
         except DagsterUserCodeUnreachableError:
             pass  # the code server got the Ctrl-C too; the run worker interrupts itself
         finished = _poll_until_finished(instance, run.run_id, deadline=time.monotonic() + CANCEL_GRACE_SECONDS)
@@ -191,8 +212,9 @@ def _location_errors(workspace: BaseWorkspaceRequestContext):
 
 
 def _root_cause(error: SerializableErrorInfo) -> str:
-    """The user's exception rather than Dagster's wrapper around it ("Error occurred while executing op")."""
-    while error.cause is not None:
+    """The user's exception rather than Dagster's wrapper around it ("Error occurred while executing op"): the
+    exception the code raised, not what it was raised from (a one-line error keeps its one line)."""
+    while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
         error = error.cause
     return error.message.strip()
 
@@ -211,10 +233,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("jobs", nargs="+", help="job names, run in this order; stops at the first failure")
     parser.add_argument("-w", "--workspace", default="workspace.yaml", help="workspace file (default: %(default)s)")
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        help="submit each run to the instance's run queue, for a running dagster-daemon to start within the "
+        "queue's limits, instead of launching it now",
+    )
     args = parser.parse_args(argv)
+    home = os.environ.get("DAGSTER_HOME")
+    problem = dagster_storage_problem(home) if home else None
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         with dg.DagsterInstance.get() as instance:
-            outcomes = launch_jobs(instance, args.workspace, args.jobs)
+            outcomes = launch_jobs(instance, args.workspace, args.jobs, queue=args.queue)
     except (LaunchError, dg.DagsterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,13 @@ once. Paths in the combined manifest are relative to `out/` (`batches/<id>/image
 `row` columns say which manifest row each image came from. When any batch has `negative_labels` or
 `unknown_labels`, the combined manifest has the column for every row: empty lists for the batches without it,
 which is what their rows mean (a class not named is absent).
+
+A correction batch (`mumic audit --apply`) marks its rows with the column `replaces_labels` (true): such a row says
+"these are the image's labels now". It is applied after every ordinary row, whatever the arrival numbers or
+folder names, and replaces all three label columns of the image already in the collection (a column the
+correction lacks becomes empty); of two corrections of one image the later arrival wins. The image keeps its
+place, batch and source; `relabelled_by` names the correction batch. A correction of a picture no batch holds is
+rejected as `not_in_collection`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 LEDGER = "batches.json"
+# A manifest column whose true rows replace the labels of an image already in the collection.
+CORRECTION_COLUMN = "replaces_labels"
+RELABELLED_BY = "relabelled_by"
+_TRUE = frozenset({"true", "yes", "1"})
 _BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -167,7 +178,7 @@ def _number_unnumbered(ledger: dict[str, dict]) -> bool:
 
 def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None:
     """Union of the batch manifests in the order given; a picture seen in an earlier one is a duplicate."""
-    accepted, rejected = [], []
+    accepted, rejected, corrections = [], [], []
     kept_copy: dict[str, str] = {}
     for batch_id in batch_ids:
         folder = out / "batches" / batch_id
@@ -176,6 +187,10 @@ def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None
         frame["path"] = [f"batches/{batch_id}/{p}" for p in frame["path"]]
         # Batches ingested before rows were recorded have no row column: their rows stay unnamed, not guessed.
         frame["row"] = frame["row"].astype("Int64") if "row" in frame else pd.Series(pd.NA, frame.index, "Int64")
+        if CORRECTION_COLUMN in frame:
+            marked = frame[CORRECTION_COLUMN].map(_is_true).astype(bool)
+            corrections.append(frame[marked])
+            frame = frame[~marked].drop(columns=CORRECTION_COLUMN)
         duplicate = frame["sha256"].isin(kept_copy.keys())
         for sha, row, source in frame.loc[duplicate, ["sha256", "row", "source"]].itertuples(index=False):
             rejected.append(
@@ -199,6 +214,8 @@ def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None
         if column in manifest:
             # Rows of batches without the column come out of the concatenation as NaN.
             manifest[column] = [[] if _is_missing(labels) else labels for labels in manifest[column]]
+    if corrections:
+        manifest = _apply_corrections(manifest, corrections, rejected)
     rejected_frame = pd.DataFrame(rejected, columns=["batch", "row", "source", "reason", "detail"])
     with atomic_path(result.rejected_path) as tmp:
         rejected_frame.to_csv(tmp, index=False)
@@ -207,6 +224,41 @@ def _combine(out: Path, batch_ids: list[str], result: BatchIngestResult) -> None
     result.n_images = len(manifest)
     result.n_rejected = len(rejected_frame)
     result.rejected_by_reason = dict(Counter(rejected_frame["reason"]).most_common())
+
+
+def _is_true(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in _TRUE)
+
+
+def _apply_corrections(manifest: pd.DataFrame, corrections: list[pd.DataFrame], rejected: list[dict]) -> pd.DataFrame:
+    """Each correction row's label columns replace its image's, in arrival order (a later correction wins)."""
+    position = {sha: i for i, sha in enumerate(manifest["sha256"])}
+    columns = ["labels", *(c for c in QUALIFIED_LABEL_COLUMNS if c in manifest or any(c in f for f in corrections))]
+    values = {c: list(manifest[c]) if c in manifest else [[] for _ in range(len(manifest))] for c in columns}
+    relabelled_by = list(manifest[RELABELLED_BY]) if RELABELLED_BY in manifest else [""] * len(manifest)
+    for frame in corrections:
+        for record in frame.to_dict("records"):
+            i = position.get(record["sha256"])
+            if i is None:
+                row = record["row"]
+                rejected.append(
+                    {
+                        "batch": record["batch"],
+                        "row": None if pd.isna(row) else int(row),
+                        "source": record["source"],
+                        "reason": "not_in_collection",
+                        "detail": "a correction of a picture that no batch holds",
+                    }
+                )
+                continue
+            for column in columns:
+                labels = record.get(column)
+                values[column][i] = [] if _is_missing(labels) else [str(label) for label in labels]
+            relabelled_by[i] = record["batch"]
+    for column in columns:
+        manifest[column] = values[column]
+    manifest[RELABELLED_BY] = relabelled_by
+    return manifest
 
 
 def _is_missing(labels: object) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, load_params
-from mumic_ml.pipeline import INSTALL_EXTRA, missing_extra_module
+from mumic_ml.pipeline import INSTALL_EXTRA, ServiceUnavailable, missing_extra_module
 from mumic_ml.project import Project
 
 if TYPE_CHECKING:
@@ -305,6 +306,12 @@ def _print_report(report: dict, out: Path) -> None:
     if "map_top_n" in report:
         print(f"   mAP(top {report['top_n']}) {report['map_top_n']:.4f}", end="")
     print()
+    calibration = report["calibration"]
+    print(
+        f"  ECE {report['ece_raw']:.4f} raw, {report['ece_calibrated']:.4f} calibrated "
+        f"(temperature {calibration['temperature']:.3f}, bias {calibration['bias']:.3f}, "
+        f"{calibration['raw']['n_bins']} bins)"
+    )
     zero_shot = report.get("zero_shot", {})
     if "map_held_out" in zero_shot:
         print(
@@ -328,6 +335,34 @@ def _evaluate_with_gate(project: Project) -> int:
         print(f"gate: FAILED: {'; '.join(gate.reasons)} ({outcome.gate_path})", file=sys.stderr)
         return 1
     print(f"gate: passed (floor {gate.floor}) -> {outcome.gate_path}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from mumic_ml.audit import KINDS
+    from mumic_ml.steps import audit_apply_step, audit_step
+
+    project = _project(args)
+    if args.apply is not None:
+        outcome = audit_apply_step(project, Path(args.apply))
+        if outcome.batch_dir is None:
+            print(f"audit --apply: {outcome.decisions} decision(s), no label changes: nothing to write")
+        elif not outcome.created:
+            print(f"audit --apply: the same corrections are already in {outcome.batch_dir}")
+        else:
+            print(f"audit --apply: {outcome.decisions} decision(s) change {outcome.images} image(s)")
+            print(f"  correction batch: {outcome.batch_dir} (run `mumic ingest`, or the pipeline, to apply it)")
+        return 0
+    result = audit_step(project)
+    cfg = project.params.audit
+    print(
+        f"audit: {result.n_images} training images, {result.n_classes} classes, {cfg.folds}-fold cross-fitting on "
+        f"the {cfg.backbone.value}'s embeddings ({result.embedded_now} embedded now) in {result.seconds:.1f} s"
+    )
+    for kind in KINDS:
+        top = ", ".join(f"{row['image']} {row['class']!r} {row['score']:.2f}" for row in result.rows[kind][:3])
+        print(f"  {kind}: {result.candidates[kind]} candidates; top: {top or 'none'}")
+    print(f"  suspects: {result.csv_path}\n  report:   {result.html_path}")
     return 0
 
 
@@ -360,14 +395,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     """What the last pipeline run produced, and where to look at it."""
     from mumic_ml.io import read_json
     from mumic_ml.pipeline.registry import current_champion
-    from mumic_ml.pipeline.tracking import tracking_location
+    from mumic_ml.pipeline.services import reachable_tracking_location
     from mumic_ml.project import DATA_VERSION, SPLIT_MD5_PREFIX, data_version_fields
 
     project = _project(args)
     if not project.metrics.is_file():
         raise CommandError(f"no evaluation yet ({project.metrics}); run the pipeline first (make demo)")
     report = read_json(project.metrics)
-    uri, _ = tracking_location(project)
+    uri, _ = reachable_tracking_location(project)
     champion = current_champion(project.params.mlflow.registered_model, tracking_uri=uri)
     print("MuMIC pipeline summary")
     print(f"  test split: GAP@10 {report['gap_at_10']:.4f}   GAP {report['gap']:.4f}   mAP {report['map_macro']:.4f}")
@@ -387,13 +422,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_services(args: argparse.Namespace) -> int:
+    """Each shared service the project is configured for, `ok` or the one line that says what to fix; exit 2 when
+    any does not answer, so a deployment can run it before anything else."""
+    from mumic_ml.pipeline.services import check_services
+
+    results = check_services(_project(args), os.environ.get("DAGSTER_HOME"))
+    for service, problem in results:
+        print(f"ok: {service}" if problem is None else f"error: {problem}")
+    return 2 if any(problem is not None for _, problem in results) else 0
+
+
 def _resolve_model(model: str, project: Project) -> Path:
     """A local model directory, or an MLflow model URI resolved against the configured (default: local) store."""
     if "://" in model or model.startswith(("models:/", "runs:/")):
         from mumic_ml.pipeline.registry import RegistryError, resolve_model_uri
-        from mumic_ml.pipeline.tracking import tracking_location
+        from mumic_ml.pipeline.services import reachable_tracking_location
 
-        uri, _ = tracking_location(project)
+        uri, _ = reachable_tracking_location(project)
         try:
             return resolve_model_uri(model, tracking_uri=uri)
         except RegistryError as exc:
@@ -440,6 +486,32 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"embed: {image}: {error}", file=sys.stderr)
     print(f"embed: {matrix.shape[0]} x {matrix.shape[1]} embeddings -> {args.out}")
     return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from mumic_ml.runtime import resolve_device
+    from mumic_ml.tagging import TaggingError, list_images, tag_images
+
+    flags = {"top_k": args.top_k, "threshold": args.threshold, "workers": args.workers, "batch_size": args.batch_size}
+    project = _project(args).updated({f"tag.{key}": value for key, value in flags.items() if value is not None})
+    model_dir = _resolve_model(args.model, project)
+    images = Path(args.images)
+    try:
+        summary = tag_images(
+            model_dir,
+            list_images(images),
+            Path(args.out),
+            source=str(images.resolve()),
+            config=project.params.tag,
+            extra_classes=args.extra_class,
+            embeddings=args.embeddings,
+            device=resolve_device(args.device),
+            progress=not args.no_progress,
+        )
+    except TaggingError as exc:
+        raise CommandError(str(exc)) from exc
+    print(json.dumps(summary.to_json()))
+    return 1 if summary.images and not summary.tagged else 0
 
 
 def _add_training_data_args(p: argparse.ArgumentParser) -> None:
@@ -569,6 +641,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="rank suspected missing and wrong training labels (CSV and HTML report), or --apply a reviewed list",
+    )
+    p.add_argument(
+        "--apply",
+        metavar="REVIEWED_CSV",
+        help="turn a reviewed suspects list (decision accept/reject) into a correction batch in paths.incoming",
+    )
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("register", parents=[common], help="register the gated model in MLflow as `challenger`")
     p.set_defaults(func=cmd_register)
 
@@ -580,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="summary of the last run: metrics, data version, models")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "check-services",
+        parents=[common],
+        help="whether the MLflow store, Dagster's PostgreSQL ($DAGSTER_HOME) and DVC's S3 remotes answer as configured",
+    )
+    p.set_defaults(func=cmd_check_services)
 
     p = sub.add_parser("predict", parents=[common], help="print top labels for images as JSON lines")
     p.add_argument("--model", required=True, help="model directory, or an MLflow URI such as models:/mumic@champion")
@@ -602,6 +693,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "tag",
+        parents=[common],
+        help="tag a folder or manifest of photos into Parquet, in chunks that a killed run resumes",
+    )
+    p.add_argument("--model", required=True, help="model directory, or an MLflow URI such as models:/mumic@champion")
+    p.add_argument("--images", required=True, help="folder (searched recursively) or manifest (CSV, JSONL, Parquet)")
+    p.add_argument("--out", required=True, help="Parquet file to write; <out>.parts/ holds the chunks until done")
+    p.add_argument("--embeddings", action="store_true", help="also write each image's L2-normalised embedding")
+    p.add_argument(
+        "--extra-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score this class name zero-shot (repeatable)",
+    )
+    p.add_argument("--top-k", type=int, help="ranked labels per image (default: tag.top_k)")
+    p.add_argument("--threshold", type=float, help="tag every class at this probability (default: tuned per class)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: tag.workers)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: tag.batch_size)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tag)
     return parser
 
 
@@ -612,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("mumic_ml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from mumic_ml.audit import AuditError
     from mumic_ml.backbone import BackboneError
     from mumic_ml.checkpoint import CheckpointError
     from mumic_ml.importers.batch_folder import DatasetImportError
@@ -629,6 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (
         CommandError,
+        ServiceUnavailable,
+        AuditError,
         ConfigError,
         ManifestError,
         TaxonomyError,

@@ -157,6 +157,10 @@ class TrainConfig(_Section):
         default_factory=list, description="Classes removed from training labels, kept for zero-shot evaluation."
     )
     label_noise: LabelNoiseConfig = LabelNoiseConfig()
+    partial_labels: bool = Field(
+        False,
+        description="Leave a manifest's unknown_labels out of the loss (masked); false counts them as negatives.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -211,10 +215,49 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(256, ge=1)
 
 
+class AuditBackbone(enum.StrEnum):
+    """Whose image tower embeds the training images for the label audit."""
+
+    FOUNDATION = "foundation"  # the weights fine-tuning starts from: they never saw a label
+    MODEL = "model"  # the fine-tuned model's tower: trained on the labels being audited
+
+
+class AuditConfig(_Section):
+    """The label audit (`mumic audit`, asset label_audit): out-of-fold scores of the training images by k-fold
+    cross-fitting of a linear head on frozen image embeddings."""
+
+    folds: int = Field(5, ge=2, description="Each image is scored by a head fitted on the other folds.")
+    seed: int = Field(0, description="How images are dealt into folds.")
+    backbone: AuditBackbone = Field(
+        AuditBackbone.FOUNDATION, description="foundation (never saw a label) or model (the fine-tuned tower)."
+    )
+    head_steps: int = Field(300, ge=1, description="Full-batch Adam steps of each fold's linear head.")
+    head_lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-3, ge=0, description="L2 penalty on the head's weights.")
+    batch_size: int = Field(256, ge=1, description="Images per forward pass when embedding.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' for the embeddings.")
+    suspects: int = Field(1000, ge=1, description="Suspects of each kind written to suspects.csv.")
+    report_rows: int = Field(200, ge=1, description="Suspects of each kind shown in report.html.")
+
+    _device = field_validator("device")(TrainConfig._device.__func__)
+
+
 class PredictConfig(_Section):
     top_k: int = Field(5, ge=1)
     threshold: float | None = Field(None, ge=0, le=1, description="Keep labels above this probability.")
     batch_size: int = Field(64, ge=1)
+
+
+class TagConfig(_Section):
+    """`mumic tag` and the catalogue_tags asset: an unlabelled collection tagged in chunks a killed run resumes."""
+
+    top_k: int = Field(5, ge=1)
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="One probability cut for every class; null: the model's tuned thresholds."
+    )
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(1, ge=0, description="Decoding processes beside the model; 0 decodes in its process.")
+    chunk_size: int = Field(2048, ge=1, description="Images per committed part: the most a killed run redoes.")
 
 
 class ExpectationsConfig(_Section):
@@ -278,6 +321,7 @@ class PathsConfig(_Section):
     incoming: Path = Path("data/incoming")
     taxonomy: Path = Path("data/incoming/demo/taxonomy.yaml")
     validation: Path = Path("reports/validation")
+    unlabelled: Path = Path("data/unlabelled")
 
 
 class Params(_Section):
@@ -288,7 +332,9 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    audit: AuditConfig = AuditConfig()
     predict: PredictConfig = PredictConfig()
+    tag: TagConfig = TagConfig()
     expectations: ExpectationsConfig = ExpectationsConfig()
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()

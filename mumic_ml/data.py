@@ -70,8 +70,24 @@ def label_matrix(label_lists: Sequence[Sequence[str]], class_names: Sequence[str
     return matrix
 
 
+def split_targets(frame: pd.DataFrame, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A split's multi-hot targets and the mask of known entries (bool, images x classes).
+
+    An entry is known when the image lists the class in `labels` (positive) or not in `unknown_labels` (negative,
+    verified or simply not listed); a class in `unknown_labels` is unknown and its target 0, so a caller that
+    ignores the mask counts it as a negative. Without an `unknown_labels` column every entry is known.
+    """
+    targets = label_matrix(frame["labels"], class_names)
+    if "unknown_labels" not in frame.columns:
+        return targets, np.ones(targets.shape, dtype=bool)
+    return targets, label_matrix(frame["unknown_labels"], class_names) == 0
+
+
 class CachedImageDataset(Dataset):
-    """(uint8 HxWx3 tensor, target vector) pairs read through the preprocessing cache."""
+    """(uint8 HxWx3 tensor, target vector, known mask) triples read through the preprocessing cache.
+
+    `known` (bool, as `split_targets` builds it) defaults to every entry known.
+    """
 
     def __init__(
         self,
@@ -81,19 +97,31 @@ class CachedImageDataset(Dataset):
         cache: PreprocessCache,
         size: int,
         preload: bool | None = None,
+        known: np.ndarray | None = None,
     ) -> None:
         if len(frame) != len(targets):
             raise ValueError(f"{len(frame)} images but {len(targets)} target rows")
+        if known is not None and np.shape(known) != np.shape(targets):
+            raise ValueError(f"known mask of shape {np.shape(known)} for targets of shape {np.shape(targets)}")
         self.paths = [str(Path(root) / p) for p in frame["path"]]
         self.shas = list(frame["sha256"])
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        self.known = (
+            torch.ones(self.targets.shape, dtype=torch.bool)
+            if known is None
+            else torch.from_numpy(np.ascontiguousarray(known, dtype=bool))
+        )
         self.cache = cache
         self.size = size
         if preload is None:
             preload = len(self.paths) * size * size * 3 <= PRELOAD_LIMIT_BYTES
         self.images: torch.Tensor | None = None
         if preload:
-            self.images = torch.from_numpy(np.stack([self._read(i) for i in range(len(self.paths))]))
+            # Filled in place: stacking a list of arrays held every image twice at the peak.
+            images = np.empty((len(self.paths), size, size, 3), dtype=np.uint8)
+            for i in range(len(self.paths)):
+                images[i] = self._read(i)
+            self.images = torch.from_numpy(images)
 
     def _read(self, i: int) -> np.ndarray:
         return self.cache.get(self.paths[i], self.shas[i], self.size)
@@ -101,9 +129,9 @@ class CachedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = self.images[i] if self.images is not None else torch.from_numpy(self._read(i))
-        return image, self.targets[i]
+        return image, self.targets[i], self.known[i]
 
 
 def epoch_batches(

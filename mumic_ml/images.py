@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mumic_ml.io import atomic_path
-
 DEFAULT_MAX_PIXELS = 50_000_000
 
 # Formats we let Pillow parse. Restricting the list keeps rarely used, lenient parsers (which may "recognise" a
@@ -244,7 +242,9 @@ class PreprocessCache:
     """Model-ready pixel arrays, computed once per (image, size) so the training loader never decodes PNGs.
 
     Files live at `root/<size>/<sha[:2]>/<sha>.npy` and are written to a temporary name and renamed, so a reader
-    sees a complete array or none; an unreadable or wrongly shaped file is treated as a miss and rebuilt.
+    sees a complete array or none; an unreadable or wrongly shaped file is treated as a miss and rebuilt. Entries
+    are not fsynced: a cache can be rebuilt, and syncing each small file cost several times the decoding
+    (docs/benchmarks.md, "Scale").
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -281,8 +281,16 @@ class PreprocessCache:
     def _compute(self, image_path: str | os.PathLike, sha256: str, size: int) -> np.ndarray:
         img = decode_image(image_path, max_pixels=DEFAULT_MAX_PIXELS, min_side=1)
         array = resize_center_crop(img, size)
-        with atomic_path(self.path_for(sha256, size)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+        target = self.path_for(sha256, size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return array
 
     @staticmethod

@@ -74,6 +74,7 @@ REASONS = {
     "conflicting_labels": "a label is in more than one of labels, negative_labels and unknown_labels",
     "duplicate_path": "an earlier row already names the same file",
     "duplicate_image": "an earlier accepted row has the same picture (same content hash)",
+    "not_in_collection": "a correction batch relabels a picture that no batch holds",
 }
 
 _OUTPUT_COLUMNS = ("image_id", "source", "path", "sha256", *LABEL_COLUMNS, "width", "height", "row")

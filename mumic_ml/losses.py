@@ -9,6 +9,10 @@ sharply the loss concentrates on them: that is the "hardness-aware" property.
 
 `asymmetric_loss` is the ASL baseline (Ridnik et al., ICCV 2021) and `binary_cross_entropy` the plain BCE baseline
 for a linear head.
+
+Partial labels: every loss takes an optional `known` mask (1 where the label is known, 0 where it is unknown) and
+then reduces over the known entries only, so an unknown entry adds nothing to the loss, its count or its gradient:
+a mean is taken over the known entries, a sum sums them. Without a mask each loss is computed exactly as before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,21 @@ def _cheap_to_inspect(value: torch.Tensor) -> bool:
     return value.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _known_mask(known: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`known` as bool, checked against the targets' shape (and for 0/1 values where that costs no sync)."""
+    _check_pair("targets", targets, "known", known)
+    if known.dtype != torch.bool:
+        if _cheap_to_inspect(known) and not bool(((known == 0) | (known == 1)).all()):
+            raise ValueError("known must contain only 0 and 1")
+        known = known != 0
+    return known
+
+
+def _mean_over_known(loss: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-entry loss over the known entries; 0 (with zero gradient) when none is known."""
+    return torch.where(known, loss, 0.0).sum() / known.sum().clamp(min=1)
+
+
 def tempered_logits(
     similarity: torch.Tensor, temperature: torch.Tensor | float, bias: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
@@ -41,10 +60,11 @@ def tempered_sigmoid_bce(
     targets: torch.Tensor,
     temperature: torch.Tensor | float,
     bias: torch.Tensor | float = 0.0,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean binary cross-entropy of sigmoid(similarity / temperature + bias) against multi-hot `targets`.
 
-    The mean runs over samples and classes, as in the paper.
+    The mean runs over samples and classes, as in the paper; with `known`, over the known entries only.
     """
     _check_pair("similarity", similarity, "targets", targets)
     if not torch.is_tensor(temperature):
@@ -53,13 +73,22 @@ def tempered_sigmoid_bce(
     elif _cheap_to_inspect(temperature) and bool((temperature <= 0).any()):
         raise ValueError("temperature must be positive")
     logits = tempered_logits(similarity, temperature, bias)
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return _bce(logits, targets, known)
 
 
-def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Plain mean BCE on free logits: the loss of the linear-head baseline."""
+def binary_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain mean BCE on free logits: the loss of the linear-head baseline; with `known`, over the known entries."""
     _check_pair("logits", logits, "targets", targets)
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return _bce(logits, targets, known)
+
+
+def _bce(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    if known is None:
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    per_entry = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return _mean_over_known(per_entry, _known_mask(known, targets))
 
 
 def asymmetric_loss(
@@ -69,13 +98,14 @@ def asymmetric_loss(
     gamma_pos: float = 1.0,
     clip: float = 0.05,
     reduction: str = "sum",
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Asymmetric Loss for multi-label classification (Ridnik et al., 2021).
 
     Positives: -(1 - p)^gamma_pos * log(p). Negatives: -p_m^gamma_neg * log(1 - p_m) with the shifted probability
     p_m = max(p - clip, 0), which discards very easy negatives entirely. The focusing weights are treated as
     constants in the backward pass, as in the reference formulation. `reduction` is "sum" (the paper's), "mean"
-    or "none".
+    or "none". With `known`, "sum" and "mean" run over the known entries, and "none" gives unknown entries 0.
     """
     _check_pair("logits", logits, "targets", targets)
     if reduction not in ("sum", "mean", "none"):
@@ -96,9 +126,13 @@ def asymmetric_loss(
         weight_pos = (1 - p).pow(gamma_pos)
         weight_neg = p_neg.pow(gamma_neg)
     loss = -(y * weight_pos * log_p + (1 - y) * weight_neg * log_one_minus_p_neg)
+    if known is not None:
+        mask = _known_mask(known, targets)
+        if reduction == "mean":
+            return _mean_over_known(loss, mask)
+        loss = torch.where(mask, loss, 0.0)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
         return loss.mean()
     return loss
-

@@ -1,10 +1,10 @@
 """Build classifiers from the config, and save/load them as self-contained model directories.
 
-A model directory holds `model.json` (architecture, classes and their prompts, preprocessing, thresholds,
-training metadata), `model.safetensors` (all weights), `architecture/<name>.json` (the open_clip model config,
-so a directory trained on a project architecture loads anywhere) and `seen_images.txt` (the sha256 of every image
-the model trained or chose its epoch on, so the evaluation gate can prove a test split holds none of them).
-Nothing in it is a pickle.
+A model directory holds `model.json` (architecture, classes and their prompts, preprocessing, thresholds, the
+post-hoc calibration, training metadata), `model.safetensors` (all weights), `architecture/<name>.json` (the
+open_clip model config, so a directory trained on a project architecture loads anywhere) and `seen_images.txt`
+(the sha256 of every image the model trained or chose its epoch on, so the evaluation gate can prove a test split
+holds none of them). Nothing in it is a pickle.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mumic_ml.backbone import Backbone, ImageNorm, create_backbone, register_model_config
+from mumic_ml.calibration import Calibration
 from mumic_ml.config import Head, ModelConfig
 from mumic_ml.io import atomic_directory, atomic_write_json, read_json
 from mumic_ml.model import LinearClassifier, MumicClassifier
@@ -66,10 +67,17 @@ class LoadedModel:
     thresholds: np.ndarray | None
     embedding_dim: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def supports_zero_shot(self) -> bool:
         return isinstance(self.classifier, MumicClassifier)
+
+    @property
+    def calibrated_thresholds(self) -> np.ndarray | None:
+        """The tuned thresholds on the calibrated scale: each selects the same labels from the calibrated
+        probabilities as its raw threshold does from the raw ones."""
+        return None if self.thresholds is None else self.calibration.apply(self.thresholds)
 
 
 def save_model_dir(
@@ -86,11 +94,13 @@ def save_model_dir(
     thresholds: np.ndarray | None,
     metadata: dict[str, Any],
     seen_images: Iterable[str] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write the directory under a temporary name and swap it in whole: readers never see half a model.
 
     `seen_images` (sha256 hashes) is written to `seen_images.txt`; None writes no record (the model's training
-    data is unknown, as for foundation weights scored zero-shot).
+    data is unknown, as for foundation weights scored zero-shot). `calibration` is stored in `model.json`; None
+    stores none, which loads as the identity.
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
@@ -116,6 +126,7 @@ def save_model_dir(
                 "default_prompts": list(taxonomy.default_prompts),
                 "thresholds": None if thresholds is None else [_finite_or_none(t) for t in thresholds],
                 "metadata": metadata,
+                **({} if calibration is None else {"calibration": calibration.to_json()}),
             },
         )
     return out_dir
@@ -168,4 +179,5 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         thresholds=None if thresholds is None else np.array([np.inf if t is None else t for t in thresholds]),
         embedding_dim=int(backbone.model_config["embed_dim"]),
         metadata=spec.get("metadata", {}),
+        calibration=Calibration.from_json(spec.get("calibration")),
     )

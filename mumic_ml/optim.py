@@ -92,15 +92,25 @@ class Stepper:
     grad_clip_norm: float | None = None
 
     def backward(
-        self, images: torch.Tensor, targets: torch.Tensor, sync_gradients: bool = True
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        sync_gradients: bool = True,
+        *,
+        known: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Accumulate gradients of one micro-batch; returns its (undivided) loss, detached."""
+        """Accumulate gradients of one micro-batch; returns its (undivided) loss, detached.
+
+        `known` (the mask of known labels) is handed to the model only when given, so models whose forward takes
+        no mask (contrastive pretraining) are stepped the same way.
+        """
         sync = contextlib.nullcontext()
         if not sync_gradients and isinstance(self.model, DistributedDataParallel):
             sync = self.model.no_sync()  # all-reduce once per optimizer step, not per micro-batch
+        inputs = (images, targets) if known is None else (images, targets, known)
         with sync:
             with self.autocast():
-                losses, report = self.model(images, targets)
+                losses, report = self.model(*inputs)
                 loss = total_loss(losses)
             scaled = loss / self.accumulation_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()

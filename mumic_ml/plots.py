@@ -2,7 +2,8 @@
 
 Every figure is rendered at a modest size and stored as a palette PNG, so that it can travel inside a UI's
 metadata (the Dagster asset pages) or a tracking run, and be seen by someone who is not on the machine that ran the
-job. `per_class_ap_plot` and `precision_recall_curves` write a file (the DVC plots); the others return PNG bytes.
+job. `per_class_ap_plot`, `precision_recall_curves` and `reliability_diagram` write a file (the evaluation plots);
+the others return PNG bytes.
 """
 
 from __future__ import annotations
@@ -97,6 +98,51 @@ def precision_recall_curves(
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("Precision-recall, most frequent classes")
+    return _save(fig, path)
+
+
+def _reliability_panel(top, bottom, summary: Mapping[str, Any], title: str) -> None:
+    bins = summary["bins"]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    filled = [(c, b) for c, b in zip(centres, bins) if b["count"]]
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    top.bar(
+        [c for c, _ in filled],
+        [b["frequency"] for _, b in filled],
+        width=width * 0.9,
+        color=BAR_COLOUR,
+        label="fraction positive",
+    )
+    top.plot(
+        [c for c, _ in filled],
+        [b["confidence"] for _, b in filled],
+        "o",
+        color=SPLIT_COLOURS[3],
+        ms=3,
+        label="mean probability",
+    )
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_title(f"{title}: ECE {summary['ece']:.3f}, MCE {summary['mce']:.3f}", fontsize=9)
+    top.legend(fontsize=7, loc="upper left")
+    top.tick_params(labelbottom=False)
+    bottom.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="#8c8c8c")
+    bottom.set_yscale("symlog", linthresh=1)
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("entries", fontsize=7)
+
+
+def reliability_diagram(before: Mapping[str, Any], after: Mapping[str, Any], path: Path) -> Path:
+    """Per probability bin, the fraction of (image, class) entries that are positive against their mean probability,
+    with each bin's count below, before and after the post-hoc calibration (`metrics.calibration_summary`)."""
+    fig, axes = plt.subplots(
+        2, 2, figsize=(8.5, 4.5), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08}
+    )
+    _reliability_panel(axes[0, 0], axes[1, 0], before, "raw")
+    _reliability_panel(axes[0, 1], axes[1, 1], after, "calibrated")
+    axes[0, 0].set_ylabel("fraction positive")
     return _save(fig, path)
 
 

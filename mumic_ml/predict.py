@@ -1,7 +1,9 @@
 """Prediction and embedding export with a trained model directory (`mumic predict`, `mumic embed`).
 
 Images are decoded by the same defensive decoder as ingestion and preprocessed exactly as the training cache
-was built (shorter side resized, centre crop), so scores at serving time match scores at evaluation time.
+was built (shorter side resized, centre crop), so scores at serving time match scores at evaluation time. Scores
+are the sigmoid probabilities after the model directory's post-hoc calibration (`mumic_ml.calibration`; none for a
+directory written before it existed), so `threshold` cuts the numbers the caller sees.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Predictor:
     def class_names(self) -> list[str]:
         return list(self.model.class_names)
 
-    def _extra_features(self, extra_classes: Sequence[str]) -> tuple[list[str], torch.Tensor | None]:
+    def extra_class_features(self, extra_classes: Sequence[str]) -> tuple[list[str], torch.Tensor | None]:
         known = {normalise_label(n) for n in self.model.class_names}
         extra = [n.strip() for n in extra_classes if n.strip() and normalise_label(n) not in known]
         extra = list(dict.fromkeys(extra))
@@ -93,15 +95,20 @@ class Predictor:
     def probabilities(
         self, images: Sequence[ImageSource], extra_classes: Sequence[str] = ()
     ) -> tuple[list[str], np.ndarray, list[str | None]]:
-        """Class names, an N x C probability matrix (NaN rows for unreadable images) and per-image errors."""
-        names, extra = self._extra_features(extra_classes)
+        """Class names, an N x C matrix of calibrated probabilities (NaN rows for unreadable images) and per-image
+        errors.
+
+        The model directory's calibration (fitted on the trained classes' validation scores) applies to every
+        column, extra classes included: it is one increasing map for all, so it never reorders classes.
+        """
+        names, extra = self.extra_class_features(extra_classes)
         all_names = self.class_names + names
         probs = np.full((len(images), len(all_names)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(images)
         for rows, batch in self._batches(images, errors):
             out = self.model.classifier(batch, extra)
             probs[rows] = torch.sigmoid(out.logits.float()).cpu().numpy()
-        return all_names, probs, errors
+        return all_names, self.model.calibration.apply(probs), errors
 
     def predict(
         self,

@@ -99,6 +99,10 @@ class Project:
     def validation(self) -> Path:
         return self.root / self.params.paths.validation
 
+    @property
+    def unlabelled(self) -> Path:
+        return self.root / self.params.paths.unlabelled
+
     # --- files inside those folders ------------------------------------------------------------------------------
 
     @property
@@ -144,6 +148,21 @@ class Project:
     @property
     def registration(self) -> Path:
         return self.reports / "registration.json"
+
+    @property
+    def catalogue_tags(self) -> Path:
+        """The champion's tags for every photo in `paths.unlabelled` (asset catalogue_tags)."""
+        return self.reports / "tags.parquet"
+
+    @property
+    def audit(self) -> Path:
+        """The label audit's suspects.csv, report.html and audit.json."""
+        return self.reports / "audit"
+
+    @property
+    def audit_cache(self) -> Path:
+        """Image embeddings of the label audit, one folder per image tower."""
+        return self.root / ".cache" / "audit"
 
     @property
     def registered_models_cache(self) -> Path:

@@ -211,9 +211,63 @@ def evaluate_step(project: Project) -> dict[str, Any]:
     """The project's model on the test split: the full report with plots, and the headline numbers apart."""
     report = evaluate_on_test(project, project.model, project.metrics, plots_dir=project.plots)
     # The headline numbers alone: what `dvc metrics show/diff` compares (the full report has every class).
-    headline = ("gap_at_10", "gap", "map_macro", "map_top_n", "micro_f1", "macro_f1", "num_images", "num_classes")
+    headline = (
+        "gap_at_10",
+        "gap",
+        "map_macro",
+        "map_top_n",
+        "micro_f1",
+        "macro_f1",
+        "ece_raw",
+        "ece_calibrated",
+        "num_images",
+        "num_classes",
+    )
     atomic_write_json(project.summary, {key: report[key] for key in headline if key in report})
     return report
+
+
+def audit_step(project: Project):
+    """Suspected missing and wrong labels of the training split (`mumic_ml.audit`): out-of-fold scores by k-fold
+    cross-fitting on frozen embeddings of `audit.backbone`'s image tower, ranked into `suspects.csv` and the
+    reviewer's `report.html` under `paths.reports/audit/`."""
+    from mumic_ml.audit import run_audit, tower_from_backbone, tower_from_model_dir
+    from mumic_ml.config import AuditBackbone
+    from mumic_ml.data import read_split
+    from mumic_ml.runtime import resolve_device
+    from mumic_ml.taxonomy import training_classes
+
+    params = project.params
+    cfg = params.audit
+    device = resolve_device(cfg.device)
+    if cfg.backbone is AuditBackbone.MODEL:
+        tower = tower_from_model_dir(project.model, device)
+    else:
+        tower = tower_from_backbone(params.model.backbone, project.foundation_weights(), device)
+    class_names, _, _ = training_classes(load_taxonomy(project.taxonomy), params.train.held_out_classes)
+    return run_audit(
+        read_split(project.split("train")),
+        class_names,
+        tower,
+        cfg,
+        images_root=project.ingested,
+        preprocess_cache=project.cache,
+        embedding_cache=project.audit_cache,
+        out_dir=project.audit,
+    )
+
+
+def audit_apply_step(project: Project, reviewed: Path):
+    """A reviewed suspects list as a correction batch in the incoming folder, which the next ingest applies."""
+    from mumic_ml.audit import apply_review
+
+    return apply_review(
+        reviewed,
+        manifest_path=project.manifest,
+        images_root=project.ingested,
+        incoming=project.incoming,
+        taxonomy=load_taxonomy(project.taxonomy),
+    )
 
 
 @dataclass(frozen=True)
@@ -236,6 +290,7 @@ def train_step(
     the orchestrator's run id as tags, the splits as dataset inputs, per-epoch metrics (step = epoch), the
     label and training-curve figures, the taxonomy."""
     from mumic_ml.data import read_split
+    from mumic_ml.pipeline.services import reachable_tracking_location, tracking_store_guard
     from mumic_ml.pipeline.tracking import (
         TAG_DAGSTER_RUN_ID,
         log_artifacts,
@@ -244,7 +299,6 @@ def train_step(
         log_split_datasets,
         run_url,
         start_run,
-        tracking_location,
     )
     from mumic_ml.plots import label_histogram, positives_per_split, training_curves
     from mumic_ml.pretrain import foundation_seen_images
@@ -268,21 +322,25 @@ def train_step(
         # Under torchrun the other ranks only share the gradient work; rank 0 owns the run and the export.
         result = train(training_params, **train_paths, resume=resume, progress=False)
         return TrainOutcome(result, "", "", version)
-    uri, artifacts = tracking_location(project)
+    uri, artifacts = reachable_tracking_location(project)
     data_version = combined_version(version)
     today = datetime.now(UTC).date().isoformat()
-    with start_run(
-        experiment=params.mlflow.experiment,
-        tracking_uri=uri,
-        artifact_location=artifacts,
-        params=params.model_dump(mode="json"),
-        data_version=data_version,
-        tags={**data_version_fields(version), **({TAG_DAGSTER_RUN_ID: dagster_run_id} if dagster_run_id else {})},
-        run_name=f"train {params.model.backbone} {today} data {data_version[:6]}",
-        repo_dir=project.root,
-        source="dagster asset trained_model" if dagster_run_id else "mumic train",
-        source_type="JOB" if dagster_run_id else "LOCAL",
-    ) as run_id:
+    resumable = "the last epoch's checkpoint is kept, so a rerun resumes from it"
+    with (
+        tracking_store_guard(project, uri, after=resumable),
+        start_run(
+            experiment=params.mlflow.experiment,
+            tracking_uri=uri,
+            artifact_location=artifacts,
+            params=params.model_dump(mode="json"),
+            data_version=data_version,
+            tags={**data_version_fields(version), **({TAG_DAGSTER_RUN_ID: dagster_run_id} if dagster_run_id else {})},
+            run_name=f"train {params.model.backbone} {today} data {data_version[:6]}",
+            repo_dir=project.root,
+            source="dagster asset trained_model" if dagster_run_id else "mumic train",
+            source_type="JOB" if dagster_run_id else "LOCAL",
+        ) as run_id,
+    ):
         frames = {name: read_split(project.split(name)) for name in SPLITS}
         sources = {name: project.split(name) for name in SPLITS}
         log_split_datasets(run_id, frames, sources=sources, digests=version, tracking_uri=uri)
@@ -366,11 +424,12 @@ def evaluate_and_gate_step(project: Project) -> EvaluationOutcome:
     from mumic_ml.gate import check_gate
     from mumic_ml.model_io import read_seen_images
     from mumic_ml.pipeline.registry import GATE_FAILED, GATE_PASSED, TAG_GATE
-    from mumic_ml.pipeline.tracking import log_artifacts, log_epoch, set_tags, tracking_location
+    from mumic_ml.pipeline.services import reachable_tracking_location
+    from mumic_ml.pipeline.tracking import log_artifacts, log_epoch, set_tags
 
     params = project.params
+    uri, _ = reachable_tracking_location(project)
     report = evaluate_step(project)
-    uri, _ = tracking_location(project)
     gate = check_gate(
         Measured("this model", report, read_seen_images(project.model)),
         floor=params.gate.min_gap_at_10,
@@ -380,7 +439,8 @@ def evaluate_and_gate_step(project: Project) -> EvaluationOutcome:
     )
     run_id = _model_run_id(project.model)
     atomic_write_json(project.gate_report, {**gate.to_dict(), "mlflow_run_id": run_id})
-    scalars = {f"test_{k}": v for k, v in report.items() if k in ("gap_at_10", "gap", "map_macro", "map_top_n")}
+    logged = ("gap_at_10", "gap", "map_macro", "map_top_n", "ece_raw", "ece_calibrated")
+    scalars = {f"test_{k}": v for k, v in report.items() if k in logged}
     log_epoch(run_id, 0, {**scalars, "gate_passed": float(gate.passed)}, tracking_uri=uri)
     verdict = {
         TAG_GATE: GATE_PASSED if gate.passed else GATE_FAILED,
@@ -407,7 +467,8 @@ def register_step(project: Project, *, dagster_run_id: str | None = None):
         register_model,
         registered_version_of_run,
     )
-    from mumic_ml.pipeline.tracking import TAG_DAGSTER_RUN_ID, tracking_location
+    from mumic_ml.pipeline.services import reachable_tracking_location
+    from mumic_ml.pipeline.tracking import TAG_DAGSTER_RUN_ID
 
     run_id = _model_run_id(project.model)
     gate = read_json(project.gate_report)
@@ -416,7 +477,7 @@ def register_step(project: Project, *, dagster_run_id: str | None = None):
     if not gate.get("passed"):
         reasons = "; ".join(gate.get("reasons", [])) or "no reason recorded"
         raise GateFailedError(f"refusing to register run {run_id}: it did not pass the evaluation gate ({reasons})")
-    uri, _ = tracking_location(project)
+    uri, _ = reachable_tracking_location(project)
     name = project.params.mlflow.registered_model
     existing = registered_version_of_run(name, run_id, tracking_uri=uri)
     model_uri = existing.source if existing is not None else log_model(run_id, project.model, tracking_uri=uri)
@@ -471,10 +532,10 @@ def promote_step(
     test split, finds nothing against it (`force` moves it anyway); or roll back."""
     from mumic_ml.gate import compare_with_champion
     from mumic_ml.pipeline import registry
-    from mumic_ml.pipeline.tracking import tracking_location
+    from mumic_ml.pipeline.services import reachable_tracking_location
 
     params = project.params
-    uri, _ = tracking_location(project)
+    uri, _ = reachable_tracking_location(project)
     name = params.mlflow.registered_model
     if rollback:
         result = registry.rollback(name, tracking_uri=uri)

@@ -41,7 +41,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mumic_ml.backbone import Backbone, create_backbone
-from mumic_ml.checkpoint import discard_partial_writes, latest_checkpoint, load_checkpoint, save_checkpoint
+from mumic_ml.calibration import fit_calibration
+from mumic_ml.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    discard_partial_writes,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mumic_ml.config import Params, TrainConfig
 from mumic_ml.data import (
     CachedImageDataset,
@@ -49,8 +57,8 @@ from mumic_ml.data import (
     batch_seed,
     data_fingerprint,
     epoch_batches,
-    label_matrix,
     read_split,
+    split_targets,
 )
 from mumic_ml.evaluate import compute_scores
 from mumic_ml.images import PreprocessCache
@@ -133,6 +141,8 @@ class LabelledSplits:
     fingerprint: str
     train_targets: np.ndarray  # with the simulated label noise, if any
     val_targets: np.ndarray
+    train_known: np.ndarray  # bool, False where the split lists the class in unknown_labels
+    val_known: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,9 @@ class Run:
     precision_used: str
     steps_per_epoch: int
     schedule: LrSchedule
+    # train.partial_labels and the train split has unknown entries. Without any the mask would be all ones, so the
+    # loss is then computed unmasked: exactly the numbers of partial_labels off.
+    mask_unknown: bool
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,9 @@ def _setup(
     classifier = build_classifier(params.model, labels.class_prompts, backbone)
     cache = PreprocessCache(cache_dir)
     size = backbone.image_norm.size
-    train_set = CachedImageDataset(labels.frames["train"], images_root, labels.train_targets, cache, size)
+    train_set = CachedImageDataset(
+        labels.frames["train"], images_root, labels.train_targets, cache, size, known=labels.train_known
+    )
     val_set = CachedImageDataset(labels.frames["val"], images_root, labels.val_targets, cache, size)
     if len(train_set) < cfg.batch_size * cfg.accumulation_steps * dist_info.world_size:
         raise ValueError(
@@ -252,7 +267,7 @@ def _setup(
         task.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(parameter_groups(classifier, params), betas=(0.9, 0.98), eps=1e-6)
     autocast, scaler, precision_used = autocast_and_scaler(cfg.precision, device)
-    signature = _run_signature(params, labels.fingerprint)
+    signature = _run_signature(params, labels)
     state, resumed_from = _restore_or_reset(
         run_dir,
         resume=resume,
@@ -260,7 +275,8 @@ def _setup(
         classifier=classifier,
         optimizer=optimizer,
         scaler=scaler,
-        is_main=dist_info.is_main,
+        dist_info=dist_info,
+        device=device,
     )
     # Wrapped after the restore, so DDP starts every rank from the restored weights.
     model_for_step = wrap_for_training(task, compile_model=cfg.compile, dist_info=dist_info, device=device)
@@ -286,6 +302,7 @@ def _setup(
         precision_used=precision_used,
         steps_per_epoch=steps_per_epoch,
         schedule=LrSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction, cfg.min_lr_fraction),
+        mask_unknown=cfg.partial_labels and not labels.train_known.all(),
     )
     return run, state
 
@@ -294,7 +311,8 @@ def _read_labels(cfg: TrainConfig, splits_dir: Path, taxonomy_path: Path) -> Lab
     taxonomy = load_taxonomy(taxonomy_path)
     class_names, class_prompts, held_out = training_classes(taxonomy, cfg.held_out_classes)
     frames = {name: read_split(splits_dir / f"{name}.parquet") for name in ("train", "val")}
-    train_targets = label_matrix(frames["train"]["labels"], class_names)
+    train_targets, train_known = split_targets(frames["train"], class_names)
+    val_targets, val_known = split_targets(frames["val"], class_names)
     noise = cfg.label_noise
     if noise.missing or noise.spurious:
         train_targets = corrupt_labels(
@@ -308,23 +326,32 @@ def _read_labels(cfg: TrainConfig, splits_dir: Path, taxonomy_path: Path) -> Lab
         frames=frames,
         fingerprint=data_fingerprint(frames),
         train_targets=train_targets,
-        val_targets=label_matrix(frames["val"]["labels"], class_names),
+        val_targets=val_targets,
+        train_known=train_known,
+        val_known=val_known,
     )
 
 
-def _run_signature(params: Params, fingerprint: str) -> str:
+def _run_signature(params: Params, labels: LabelledSplits) -> str:
     """What a checkpoint must match to be resumed: model, starting weights, train config, validation k and data.
 
-    `evaluate.k` belongs to it because the best epoch and early stopping compare validation GAP@k across epochs.
+    `evaluate.k` belongs to it because the best epoch and early stopping compare validation GAP@k across epochs;
+    the unknown entries because the loss and the validation metrics leave them out.
     """
     recipe = {
         "model": params.model.model_dump(mode="json"),
         "weights": _weights_digest(params.model.pretrained),
         "train": params.train.model_dump(mode="json"),
         "gap_k": params.evaluate.k,
-        "data": fingerprint,
+        "data": labels.fingerprint,
+        "unknown": [_mask_digest(labels.train_known), _mask_digest(labels.val_known)],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _mask_digest(known: np.ndarray) -> str | None:
+    """None when every entry is known, so data without unknown labels keeps one signature for the mask."""
+    return None if known.all() else hashlib.sha256(np.packbits(known).tobytes()).hexdigest()
 
 
 def _weights_digest(pretrained: str | None) -> str | None:
@@ -342,7 +369,8 @@ def _restore_or_reset(
     classifier: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-    is_main: bool,
+    dist_info: DistInfo,
+    device: torch.device,
 ) -> tuple[TrainState, str | None]:
     """Continue from the run directory's last checkpoint, or clear it so a fresh run never resumes a stale one.
 
@@ -350,6 +378,7 @@ def _restore_or_reset(
     is not resumed (that would silently mix two runs, or fail half-way): the run starts fresh and says why. This is
     what lets `dvc repro` and the Dagster asset always pass `resume`.
     """
+    is_main = dist_info.is_main
     if is_main:
         for leftover in discard_partial_writes(run_dir):
             log.info("removed %s, left half-written by an interrupted run", leftover)
@@ -368,6 +397,8 @@ def _restore_or_reset(
         elif loaded.state.get("run_signature") != signature:
             log.warning("%s belongs to a run with another configuration or data; starting a fresh run", checkpoint_path)
             loaded = None
+    if dist_info.world_size > 1:
+        _agree_on_checkpoint(loaded, run_dir, device)
     if loaded is None:
         if is_main:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -383,6 +414,24 @@ def _restore_or_reset(
     state = TrainState(**loaded.state["train_state"])
     log.info("resumed from %s (epoch %d, step %d)", checkpoint_path, state.epoch, state.global_step)
     return state, str(checkpoint_path)
+
+
+def _agree_on_checkpoint(loaded: LoadedCheckpoint | None, run_dir: Path, device: torch.device) -> None:
+    """Every rank continues from the same checkpoint, or none does.
+
+    A rank that started afresh beside one that resumed would take other steps and wait forever in a collective: on
+    several nodes each reads its own `run_dir`, and only rank 0's holds checkpoints unless the folder is shared. The
+    exchange also keeps rank 0 from clearing a stale run folder while another rank still reads it.
+    """
+    step = torch.tensor([loaded.state["train_state"]["global_step"] if loaded is not None else -1], device=device)
+    steps = [torch.empty_like(step) for _ in range(dist.get_world_size())]
+    dist.all_gather(steps, step)
+    found = [int(s) for s in steps]
+    if len(set(found)) > 1:
+        raise CheckpointError(
+            f"the ranks found different checkpoints to resume in {run_dir} (global step by rank, -1 for none: "
+            f"{found}); to resume on several nodes, put --run-dir on storage every node shares"
+        )
 
 
 def train_one_epoch(run: Run, state: TrainState, *, progress: bool) -> EpochTraining:
@@ -412,14 +461,15 @@ def train_one_epoch(run: Run, state: TrainState, *, progress: bool) -> EpochTrai
         leave=False,
         dynamic_ncols=True,
     )
-    for micro, (images, targets) in enumerate(loader, start=first_micro):
+    for micro, (images, targets, known) in enumerate(loader, start=first_micro):
         flips = None
         if cfg.hflip:
             flips = torch.Generator().manual_seed(batch_seed(cfg.seed, state.epoch, batch=micro * world_size + rank))
         x = run.preparer(images, flips)
         y = targets.to(run.device, non_blocking=True)
+        mask = known.to(run.device, non_blocking=True) if run.mask_unknown else None
         last_micro = (micro + 1) % cfg.accumulation_steps == 0
-        loss, step_report = run.stepper.backward(x, y, sync_gradients=last_micro)
+        loss, step_report = run.stepper.backward(x, y, sync_gradients=last_micro, known=mask)
         losses.append(loss)
         images_seen += images.shape[0]
         if not last_micro:
@@ -496,14 +546,16 @@ def _end_of_epoch(run: Run, state: TrainState, trained: EpochTraining) -> EpochR
 
 
 def _validate_and_keep_best(run: Run, state: TrainState) -> tuple[float, float, bool]:
-    """Validation GAP@k and mAP of this epoch; the best epoch's weights are saved for the export."""
-    evaluate, val_targets = run.params.evaluate, run.labels.val_targets
+    """Validation GAP@k and mAP of this epoch, unknown entries left out; the best epoch's weights are saved for the
+    export."""
+    evaluate, val_targets, val_known = run.params.evaluate, run.labels.val_targets, run.labels.val_known
     val_probs, _ = compute_scores(
         run.classifier, run.val_set, run.preparer, batch_size=evaluate.batch_size, autocast=run.stepper.autocast
     )
     run.classifier.train()
-    val_gap = float(gap_at_k(val_probs, val_targets, k=evaluate.k))
-    val_map = float(mean_average_precision(val_probs, val_targets)) if val_targets.any() else float("nan")
+    val_gap = float(gap_at_k(val_probs, val_targets, k=evaluate.k, known=val_known))
+    has_positive = (val_targets * val_known).any()
+    val_map = float(mean_average_precision(val_probs, val_targets, known=val_known)) if has_positive else float("nan")
     is_best = val_gap > state.best_val_gap_at_k
     if is_best:
         state.best_val_gap_at_k, state.best_epoch, state.epochs_without_improvement = val_gap, state.epoch, 0
@@ -539,7 +591,8 @@ def _save_checkpoint(run: Run, state: TrainState) -> None:
 def _export_best(
     run: Run, state: TrainState, *, model_dir: Path, extra_metadata: dict[str, Any], seen_before: Iterable[str]
 ) -> None:
-    """Load the best epoch's weights, tune per-class thresholds on validation, write the model directory."""
+    """Load the best epoch's weights, tune per-class thresholds and fit the calibration on validation, write
+    the model directory."""
     params, labels = run.params, run.labels
     best = copy.deepcopy(run.classifier).cpu()
     best.load_state_dict(load_file(run.run_dir / BEST_WEIGHTS), strict=False)
@@ -547,7 +600,8 @@ def _export_best(
     val_probs, _ = compute_scores(
         best, run.val_set, run.preparer, batch_size=params.evaluate.batch_size, autocast=run.stepper.autocast
     )
-    thresholds = tune_thresholds(val_probs, labels.val_targets)
+    thresholds = tune_thresholds(val_probs, labels.val_targets, known=labels.val_known)
+    calibration = fit_calibration(val_probs, labels.val_targets, known=labels.val_known)
     save_model_dir(
         model_dir,
         classifier=best.cpu(),
@@ -559,6 +613,7 @@ def _export_best(
         class_names=labels.class_names,
         class_prompts=labels.class_prompts,
         thresholds=thresholds,
+        calibration=calibration,
         metadata={
             "best_epoch": state.best_epoch,
             "best_val_gap_at_k": state.best_val_gap_at_k,

@@ -101,9 +101,12 @@ def test_ingest_contract(pipeline):
 
 def test_evaluate_writes_the_named_keys(pipeline):
     report = json.loads((pipeline / "metrics.json").read_text())
-    for key in ("gap_at_10", "gap", "map_macro", "per_class_ap"):
+    for key in ("gap_at_10", "gap", "map_macro", "per_class_ap", "ece_raw", "ece_calibrated"):
         assert key in report
     assert len(report["per_class_ap"]) == report["num_classes"]
+    calibration = report["calibration"]
+    assert calibration["method"] == "shared_platt" and calibration["fitted_on"] == "val"
+    assert calibration["raw"]["ece"] == report["ece_raw"] and 0 <= report["ece_calibrated"] <= 1
 
 
 def test_predict_prints_one_json_object_per_image(pipeline, capsys):

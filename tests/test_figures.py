@@ -11,6 +11,7 @@ from PIL import Image
 from mumic_dagster.metadata import MAX_INLINE_IMAGE_BYTES, clean, markdown_image, table
 from mumic_ml import plots, previews
 from mumic_ml.config import Params
+from mumic_ml.metrics import calibration_summary
 from mumic_ml.project import Project
 
 
@@ -81,3 +82,16 @@ def test_metadata_leaves_out_empty_rows_and_rounds_numbers_to_four_decimals():
     assert metadata["gap_at_10"] == 0.1235 and metadata["best_epoch"] == 3 and metadata["passed"] is False
     assert isinstance(metadata["split"], dg.JsonMetadataValue)
     assert metadata["per_class"].records[0].data["ap"] == 0.9877
+
+
+def test_the_reliability_diagram_is_a_png_small_enough_to_show_inline(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.random((200, 10))
+    targets = rng.random(probs.shape) < probs**2
+    path = plots.reliability_diagram(
+        calibration_summary(probs, targets), calibration_summary(probs**2, targets), tmp_path / "reliability.png"
+    )
+    image = Image.open(path)
+    assert image.format == "PNG" and min(image.size) > 200
+    png, _ = inline_png(markdown_image("reliability diagram", path.read_bytes()).md_str)
+    assert png == path.read_bytes()

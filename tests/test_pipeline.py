@@ -38,6 +38,7 @@ ASSET_NAMES = {
     "trained_model",
     "model_evaluation",
     "registered_model",
+    "label_audit",
 }
 SMALL = {
     "demo": {"n_images": 200},
@@ -101,7 +102,7 @@ def test_definitions_load_and_resolve():
     assert schedule.cron_schedule == load_params(REPO / "params.yaml").schedule.retrain_cron
     assert defs.resolve_sensor_def("new_data_sensor").job_name == "retrain_job"
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == ASSET_NAMES
+    assert keys == ASSET_NAMES | {"catalogue_tags"}  # the catalogue follows the champion, not a retrain
 
 
 def test_every_asset_and_asset_check_tells_a_newcomer_what_it_is():
@@ -243,7 +244,7 @@ FIGURES = {
     "validated_labels": ["label_histogram"],
     "dataset_splits": ["positives_per_split"],
     "trained_model": ["training_curves"],
-    "model_evaluation": ["per_class_ap_plot", "pr_curves_plot"],
+    "model_evaluation": ["per_class_ap_plot", "pr_curves_plot", "reliability_plot"],
 }
 # All of one materialization's metadata, figures included: the event log keeps every materialization.
 MAX_METADATA_CHARS = 400_000
@@ -274,7 +275,7 @@ def test_asset_pages_show_figures_inline_numbers_as_numbers_and_no_empty_rows(pi
         assert floats == {key: round(value, 4) for key, value in floats.items()}, asset
 
     evaluation = metadata["model_evaluation"]
-    for key in ("gap_at_10", "gap", "map_macro"):
+    for key in ("gap_at_10", "gap", "map_macro", "ece_raw", "ece_calibrated"):
         assert isinstance(evaluation[key], dg.FloatMetadataValue), key
     assert "blue circle" in evaluation["zero_shot_held_out_classes"].value
     assert {"zero_shot_held_out_map", "zero_shot_note"} & evaluation.keys()
@@ -294,6 +295,17 @@ def test_asset_pages_show_figures_inline_numbers_as_numbers_and_no_empty_rows(pi
     for asset in ("dataset_splits", "trained_model", "registered_model"):
         assert {key: metadata[asset][key].value for key in fields} == fields, asset
     assert fields["data_version"] in metadata["registered_model"]["model_card"].md_str
+
+
+@pytest.mark.slow
+def test_the_label_audit_of_the_trained_project_lists_suspects_to_review(pipeline_run):
+    root, result = pipeline_run
+    metadata = materialization_metadata(result)["label_audit"]
+    train_images = len(pd.read_parquet(Project.load(root).split("train")))
+    assert metadata["training_images"].value == train_images
+    assert metadata["top_missing"].md_str.startswith("| rank | image | class | score | source |")
+    suspects = pd.read_csv(root / "reports" / "audit" / "suspects.csv")
+    assert set(suspects["kind"]) == {"missing", "wrong"} and (root / "reports" / "audit" / "report.html").is_file()
 
 
 @pytest.mark.slow
@@ -341,6 +353,7 @@ def test_the_mlflow_run_and_the_model_version_explain_themselves(pipeline_run, t
         "figures/positives_per_split.png",
         "evaluation/plots/per_class_ap.png",
         "evaluation/plots/pr_curves.png",
+        "evaluation/plots/reliability.png",
     }
     curves = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="figures/training_curves.png", tracking_uri=tracking_store

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
 
@@ -30,6 +32,42 @@ def test_summary_is_the_mean_and_spread_over_seeds(quality):
     assert "| MuMIC | **0.700 ± 0.141** |" in table
     linear_row = next(line for line in table.splitlines() if line.startswith("| linear + BCE |"))
     assert linear_row.startswith("| linear + BCE | 0.650 | **0.500** |") and "| – |" in linear_row
+    assert "hidden as unknown" not in table  # no partial-labels run, no table for them
+
+    masked, negative = quality.PARTIAL_VARIANTS
+    runs += [
+        {"variant": masked, "noise": 0.0, "hidden": 0.3, "scores": {**scores, "gap_at_10": 0.8}},
+        {"variant": negative, "noise": 0.0, "hidden": 0.3, "scores": {**scores, "gap_at_10": 0.7}},
+    ]
+    rows = quality.summarise(runs, zero_shot, budget)
+    partial = {r["variant"]: r for r in rows if r["hidden"]}
+    assert set(partial) == {masked, negative} and partial[masked]["gap_at_10"] == pytest.approx(0.8)
+    assert rows[0]["hidden"] == 0.0 and quality.MUMIC not in partial
+    table = quality.markdown_table(rows, budget)
+    section = table[table.index("**30% of the training entries hidden as unknown**") :]
+    assert f"| {masked} | **0.800** |" in section and f"| {negative} | 0.700 |" in section
+    assert "| MuMIC |" not in section and f"| {masked} |" not in table[: table.index(section)]
+
+
+def test_hiding_entries_moves_them_to_unknown_labels_seeded(quality):
+    names = ["cat", "dog", "bird", "fish"]
+    rng = np.random.default_rng(0)
+    labels = [[n for n in names if rng.random() < 0.4] for _ in range(500)]
+    negatives = [[n for n in names if n not in row and rng.random() < 0.5] for row in labels]
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(500)], "labels": labels, "negative_labels": negatives})
+    hidden = quality.hide_entries(frame, names, 0.3, seed=1)
+    assert hidden.equals(quality.hide_entries(frame, names, 0.3, seed=1))
+    assert not hidden.equals(quality.hide_entries(frame, names, 0.3, seed=2))
+    assert frame["labels"].tolist() == labels  # the input is not changed
+    n_hidden = sum(len(u) for u in hidden["unknown_labels"])
+    assert 0.27 < n_hidden / (500 * len(names)) < 0.33
+    for row in hidden.itertuples():
+        unknown = set(row.unknown_labels)
+        assert not unknown & set(row.labels) and not unknown & set(row.negative_labels)
+        assert set(row.labels) == set(labels[row.Index]) - unknown
+        assert set(row.negative_labels) == set(negatives[row.Index]) - unknown
+    untouched = quality.hide_entries(frame, names, 0.0, seed=1)
+    assert untouched["labels"].tolist() == labels and all(u == [] for u in untouched["unknown_labels"])
 
 
 @pytest.mark.slow
@@ -39,8 +77,9 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     results = json.loads((out / "quality.json").read_text())
     budget = quality.QUICK
     trained = [name for name, overrides in quality.VARIANTS.items() if overrides is not None]
-    assert len(results["runs"]) == len(trained) * len(budget.noise) * len(budget.seeds)
-    assert {r["variant"] for r in results["summary"]} == set(quality.VARIANTS)
+    partial = len(quality.PARTIAL_VARIANTS) * len(budget.seeds)
+    assert len(results["runs"]) == len(trained) * len(budget.noise) * len(budget.seeds) + partial
+    assert {r["variant"] for r in results["summary"]} == set(quality.VARIANTS) | set(quality.PARTIAL_VARIANTS)
     for run in results["runs"]:
         for metric in ("gap_at_10", "gap", "map_macro", "map_top_n", "retrieval_map"):
             assert 0.0 <= run["scores"][metric] <= 1.0, (run["variant"], metric)
@@ -50,6 +89,10 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     assert results["foundation"]["source"] == "pretrained"
     assert results["zero_shot"]["scores"]["held_out_map"] is not None
     assert (out / "quality_table.md").read_text().count("| MuMIC |") == len(budget.noise)
+    assert all(f"| {name} |" in (out / "quality_table.md").read_text() for name in quality.PARTIAL_VARIANTS)
+    hidden = [r for r in results["runs"] if r["variant"] in quality.PARTIAL_VARIANTS]
+    assert {r["overrides"]["train.partial_labels"] for r in hidden} == {True, False}
+    assert all(r["hidden"] == budget.hidden for r in hidden)
     assert (out / "quality_gap_at_10.png").stat().st_size > 0
 
     def no_training(*args, **kwargs):

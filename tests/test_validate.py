@@ -284,23 +284,25 @@ def test_ingested_demo_world_passes(tiny_world):
     assert splits.success, splits.blocking_failures
 
 
-def test_negative_and_unknown_labels_are_outside_the_suite_which_counts_present_classes_only(tmp_path):
-    """What the suite makes of the qualified label columns: it reads none of them. An image with only negative or
-    unknown labels has 0 labels for `labels_per_image` (blocking at the default minimum of 1, passing at 0), and a
+def test_labels_per_image_counts_negative_and_unknown_labels_and_class_counts_only_positives(tmp_path):
+    """What the suite makes of the qualified label columns: `labels_per_image` counts every class an image labels,
+    so an image with only a negative label passes the minimum of 1, and one with two present classes and a
+    negative (three classes labelled) fails the maximum of 2; the per-class counts stay positives only, and a
     negative or unknown label outside the taxonomy is not flagged (ingest refuses those before the suite runs)."""
     rows = _rows()
     rows[6]["labels"] = []
-    negatives = [["dog"] if i == 6 else [] for i in range(len(rows))]
+    negatives = [{3: ["bird"], 6: ["dog"]}.get(i, []) for i in range(len(rows))]
     unknowns = [["Unicorn"] if i == 0 else [] for i in range(len(rows))]
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     table = table.append_column("negative_labels", pa.array(negatives, pa.list_(pa.string())))
     table = table.append_column("unknown_labels", pa.array(unknowns, pa.list_(pa.string())))
     pq.write_table(table, tmp_path / "m.parquet")
 
-    default = validate_manifest(tmp_path / "m.parquet", TAXONOMY, tmp_path / "default", **RULES)
-    assert _failed(default) == {"labels_per_image"} and not default.success
-    assert default.outcome("labels_per_image").details["examples"][0]["row"] == 6
-    assert default.label_counts == {"cat": 3, "dog": 4, "bird": 3}  # its negative dog is no positive
+    result = validate_manifest(tmp_path / "m.parquet", TAXONOMY, tmp_path / "out", **RULES)
+    assert _failed(result) == {"labels_per_image"}
+    assert [e["row"] for e in result.outcome("labels_per_image").details["examples"]] == [3]
+    assert result.label_counts == {"cat": 3, "dog": 4, "bird": 3}  # negatives are no positives
 
-    rules = {**RULES, "expectations": RULES["expectations"].model_copy(update={"min_labels_per_image": 0})}
-    assert validate_manifest(tmp_path / "m.parquet", TAXONOMY, tmp_path / "relaxed", **rules).success
+    pq.write_table(table.drop_columns(["negative_labels"]), tmp_path / "no_negatives.parquet")
+    without = validate_manifest(tmp_path / "no_negatives.parquet", TAXONOMY, tmp_path / "without", **RULES)
+    assert [e["row"] for e in without.outcome("labels_per_image").details["examples"]] == [6]

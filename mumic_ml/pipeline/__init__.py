@@ -13,6 +13,12 @@ INSTALL_EXTRA = "pip install 'mumic[pipeline]'"
 EXTRA_MODULES = frozenset({"dagster", "dvc", "great_expectations", "mlflow"})
 
 
+class ServiceUnavailable(RuntimeError):
+    """A shared service cannot be used as configured (`services`); the message is one line that says what to fix.
+
+    Defined here, outside the modules that need the extra, so the CLI can catch it without importing them."""
+
+
 def missing_extra_module(exc: ModuleNotFoundError) -> str | None:
     """The module of the extra whose absence raised `exc`; None when something else is missing (a broken install
     of some other package should show its own traceback)."""

@@ -20,8 +20,9 @@ Input: a DataFrame with an `image` column; each cell is
     and reports a bad one in that row's `error` instead of failing the batch.
 Params (all optional): `top_k` (long, default 5), `threshold` (double, default none), `extra_classes` (list of
     strings, default []: class names scored zero-shot next to the trained ones).
-Output: a DataFrame with `labels` (best first), `scores` (sigmoid probabilities, same order) and `error`
-    (None, or why the image could not be read).
+Output: a DataFrame with `labels` (best first), `scores` (calibrated probabilities: the sigmoid after the
+    temperature and bias fitted on validation, `mumic_ml.calibration`; same order) and `error` (None, or why the
+    image could not be read).
 
 Paths: safe by default when served, the caller's own files when in-process.
     Served by MLflow's scoring server (`mlflow models serve`, `make serve`, an image from `mlflow models

@@ -67,17 +67,24 @@ def tracking_location(project: Project) -> tuple[str, Path | None]:
     return SQLITE_PREFIX + str(database), artifacts
 
 
-def run_url(uri: str, run_id: str) -> str:
-    """Where the run shows in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
-    if not uri.startswith(("http://", "https://")):
-        return f"http://127.0.0.1:5000/#/runs/{run_id}"
+def public_uri(uri: str) -> str:
+    """`uri` without user:password, query and fragment: what messages, logs and UIs may show."""
     parts = urlsplit(uri)
+    if not parts.netloc:  # a file store (sqlite:////path): nothing to hide, and rebuilding would drop a slash
+        return uri
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host
     if parts.port is not None:
         netloc += f":{parts.port}"
-    # Rebuilt without user:password: the URL is shown in the Dagster UI and its event log.
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")) + f"/#/runs/{run_id}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """Where the run shows in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    if not uri.startswith(("http://", "https://")):
+        return f"http://127.0.0.1:5000/#/runs/{run_id}"
+    # Without user:password: the URL is shown in the Dagster UI and its event log.
+    return public_uri(uri) + f"/#/runs/{run_id}"
 
 
 @contextlib.contextmanager
@@ -199,7 +206,9 @@ def start_run(
     try:
         yield run_id
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        # A store that has gone away cannot record the failure; the error that broke the run is the one to raise.
+        with contextlib.suppress(MlflowException):
+            client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
 

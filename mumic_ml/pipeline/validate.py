@@ -2,7 +2,8 @@
 
 GX validates flat tables, so the manifest is first turned into the tables each rule is naturally a column rule on:
 
-- `images`: one row per manifest row (`row`, `image_id`, `sha256`, `n_labels`, `width`, `height`);
+- `images`: one row per manifest row (`row`, `image_id`, `sha256`, `n_labels`, `width`, `height`), where
+  `n_labels` counts every class the row labels: present, verified negative or unknown;
 - `labels`: one row per (image, label), for the taxonomy check;
 - `classes`: one row per taxonomy class with its number of images, zero included, so a class nobody labelled fails
   the minimum-positives rule instead of being absent from the table.
@@ -57,7 +58,8 @@ EXPECTATION_MEANINGS = {
     "unique_image_id": "No image_id appears twice.",
     "sha256_present": "Every row has the content hash (sha256) of its picture.",
     "unique_sha256": "No picture appears twice under different names: the same pixels would count twice.",
-    "labels_per_image": "Every image has between expectations.min_labels_per_image and max_labels_per_image labels.",
+    "labels_per_image": "Every image labels between expectations.min_labels_per_image and max_labels_per_image "
+    "classes, counting present, verified negative and unknown ones.",
     "image_width": "Every image is between ingest.min_side and ingest.max_side pixels wide.",
     "image_height": "Every image is between ingest.min_side and ingest.max_side pixels high.",
     "labels_in_taxonomy": "Every label is a class of the taxonomy, spelt exactly; a typo would be a new class.",
@@ -74,6 +76,9 @@ SPLIT_EXPECTATION_NAMES = tuple(SPLIT_EXPECTATION_MEANINGS)
 DETAIL_LIMIT = 20
 
 _MANIFEST_COLUMNS = ("image_id", "sha256", "labels", "width", "height")
+# Counted with `labels` by `labels_per_image` when the manifest has them: an image labelled only negative or
+# unknown still says something about its classes.
+_QUALIFIED_COLUMNS = ("negative_labels", "unknown_labels")
 _DOCS_SITE = "local_site"
 
 
@@ -245,8 +250,8 @@ def _manifest_suite(
                     _expect(
                         gxe.ExpectColumnValuesToBeBetween,
                         "labels_per_image",
-                        f"every image has {expectations.min_labels_per_image} to "
-                        f"{expectations.max_labels_per_image} labels",
+                        f"every image labels {expectations.min_labels_per_image} to "
+                        f"{expectations.max_labels_per_image} classes (present, negative or unknown)",
                         column="n_labels",
                         min_value=expectations.min_labels_per_image,
                         max_value=expectations.max_labels_per_image,
@@ -375,7 +380,8 @@ def _manifest_tables(manifest_path: str | os.PathLike) -> tuple[pd.DataFrame, pd
     missing = [c for c in _MANIFEST_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"manifest {manifest_path} lacks columns {missing}")
-    table = pq.read_table(manifest_path, columns=list(_MANIFEST_COLUMNS))
+    qualified = [c for c in _QUALIFIED_COLUMNS if c in schema.names]
+    table = pq.read_table(manifest_path, columns=[*_MANIFEST_COLUMNS, *qualified])
     labels = table["labels"].combine_chunks()
     if not pa.types.is_list(labels.type) and not pa.types.is_large_list(labels.type):
         raise ValueError(f"manifest {manifest_path}: labels must be a list column, got {labels.type}")
@@ -385,7 +391,10 @@ def _manifest_tables(manifest_path: str | os.PathLike) -> tuple[pd.DataFrame, pd
             "image_id": table["image_id"].to_pandas(),
             "sha256": table["sha256"].to_pandas(),
             # A null label list is an image without labels: count it as 0 so the cardinality rule catches it.
-            "n_labels": pc.fill_null(pc.list_value_length(labels), 0).to_numpy(zero_copy_only=False),
+            "n_labels": sum(
+                pc.fill_null(pc.list_value_length(table[c]), 0).to_numpy(zero_copy_only=False)
+                for c in ("labels", *qualified)
+            ),
             # A missing size would be skipped by a range rule; 0 px makes it fail instead.
             "width": pc.fill_null(table["width"], 0).to_numpy(),
             "height": pc.fill_null(table["height"], 0).to_numpy(),

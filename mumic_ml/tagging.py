@@ -1,0 +1,379 @@
+"""Tagging an unlabelled photo collection with a trained model (`mumic tag`, the asset `catalogue_tags`).
+
+A collection may hold millions of photos and a run may be killed at any moment, so nothing is held whole: images
+are listed lazily, decoded in worker processes while the model scores the batch before, and results are committed
+in part files under `<out>.parts/`, each written under a temporary name and renamed. A restarted run skips every
+image a committed part holds, so none is tagged twice or lost; a record beside the parts (the model's content
+hash, its classes, the collection and the settings that shape a row) makes a run that differs refuse the folder
+instead of mixing two runs' tags. When every image is done the parts become `<out>` in one rename.
+
+Decoding and preprocessing are `mumic predict`'s (the defensive decoder, shorter side resized, centre crop,
+`ImagePreparer`, the model's calibration), so a photo scores the same in both; an image that cannot be read
+becomes a row with an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from mumic_ml.config import TagConfig
+from mumic_ml.image_batches import BatchDecoder, DecodedBatch, ImageEntry
+from mumic_ml.io import atomic_path, atomic_write_json, file_digest, read_json
+from mumic_ml.manifest import read_manifest
+from mumic_ml.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+# A class without a tuned threshold (a name scored zero-shot, a model exported without tuning) is tagged where the
+# model says more likely than not.
+UNTUNED_THRESHOLD = 0.5
+RUN_RECORD = "run.json"
+PART_PATTERN = "part-*.parquet"
+
+
+class TaggingError(RuntimeError):
+    """A run that must not start: an input that is neither folder nor manifest, or a parts folder of another run."""
+
+
+def list_images(source: str | os.PathLike) -> Iterator[ImageEntry]:
+    """The images of a folder (recursively) or of a manifest, lazily; an unknown input fails here, not mid-run."""
+    source = Path(source)
+    if source.is_dir():
+        return images_in_folder(source)
+    if source.is_file():
+        return images_in_manifest(source)
+    raise TaggingError(f"no such folder or manifest: {source}")
+
+
+def images_in_folder(folder: Path) -> Iterator[ImageEntry]:
+    """Image files by extension, depth first with each folder in name order, so that every run lists them alike.
+    Hidden names are other tools' files (`.DS_Store`, `._IMG_0001.jpg`), not photos; linked folders are not
+    followed (a link to a parent would never end)."""
+
+    def walk(current: Path) -> Iterator[ImageEntry]:
+        with os.scandir(current) as scan:
+            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk(Path(entry.path))
+            elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield ImageEntry(Path(entry.path).relative_to(folder).as_posix(), entry.path)
+
+    return walk(folder)
+
+
+def images_in_manifest(manifest: Path) -> Iterator[ImageEntry]:
+    """The `path` column of a manifest the project reads (CSV, JSONL, Parquet), relative to the manifest's folder,
+    each path once; labels are not read. The manifest is parsed before the first image is handed out."""
+    sources = read_manifest(manifest)["source"]
+    unique = dict.fromkeys(s for s in sources if isinstance(s, str) and s.strip())
+    return (ImageEntry(s, str(manifest.parent / s)) for s in unique)
+
+
+def _batches(entries: Iterable[ImageEntry], size: int) -> Iterator[list[ImageEntry]]:
+    batch: list[ImageEntry] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def model_id(model_dir: Path) -> str:
+    """Content hash of a model directory's spec and weights: the same model under any path or registry URI."""
+    digest = hashlib.sha256()
+    for name in ("model.json", "model.safetensors"):
+        digest.update(file_digest(model_dir / name).encode())
+    return digest.hexdigest()[:16]
+
+
+def output_schema(embedding_dim: int | None) -> pa.Schema:
+    fields = [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("top_labels", pa.list_(pa.string())),
+        pa.field("top_scores", pa.list_(pa.float32())),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("tag_scores", pa.list_(pa.float32())),
+        pa.field("error", pa.string()),
+    ]
+    if embedding_dim is not None:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+    return pa.schema(fields)
+
+
+class _Scorer:
+    """The model and the settings that turn a decoded batch into output rows."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        extra_classes: Sequence[str],
+        *,
+        top_k: int,
+        threshold: float | None,
+        embeddings: bool,
+    ) -> None:
+        self.predictor = predictor
+        try:
+            extra_names, self.extra_features = predictor.extra_class_features(extra_classes)
+        except ValueError as exc:  # a linear head has no text tower to score a name with
+            raise TaggingError(str(exc)) from exc
+        self.names = predictor.class_names + extra_names
+        self.name_array = np.array(self.names, dtype=object)
+        self.top_k = min(top_k, len(self.names))
+        self.thresholds = self._thresholds(predictor, threshold, len(extra_names))
+        self.embeddings = embeddings
+        self.schema = output_schema(predictor.embedding_dim if embeddings else None)
+
+    @staticmethod
+    def _thresholds(predictor: Predictor, threshold: float | None, n_extra: int) -> np.ndarray:
+        if threshold is not None:
+            return np.full(len(predictor.class_names) + n_extra, threshold)
+        tuned = predictor.model.calibrated_thresholds
+        if tuned is None:
+            tuned = np.full(len(predictor.class_names), UNTUNED_THRESHOLD)
+        return np.concatenate([tuned, np.full(n_extra, UNTUNED_THRESHOLD)])
+
+    @torch.no_grad()
+    def _score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        model = self.predictor.model
+        out = model.classifier(self.predictor.preparer(torch.from_numpy(pixels)), self.extra_features)
+        probs = model.calibration.apply(torch.sigmoid(out.logits.float()).cpu().numpy())
+        return probs, out.image_features.float().cpu().numpy()
+
+    def __call__(self, batch: DecodedBatch) -> pa.RecordBatch:
+        n = len(batch.entries)
+        readable = [i for i in range(n) if i not in batch.errors]
+        top_labels: list[list[str] | None] = [None] * n
+        top_scores: list[list[float] | None] = [None] * n
+        tags: list[list[str] | None] = [None] * n
+        tag_scores: list[list[float] | None] = [None] * n
+        features = np.zeros((0, self.predictor.embedding_dim), dtype=np.float32)
+        if readable:
+            probs, features = self._score(batch.pixels)
+            # Stable, so ties go to the lower class index, as in `mumic predict`.
+            order = np.argsort(-probs, axis=1, kind="stable")
+            ranked = np.take_along_axis(probs, order, axis=1)
+            above = ranked >= self.thresholds[order]
+            for row, i in enumerate(readable):
+                top_labels[i] = self.name_array[order[row, : self.top_k]].tolist()
+                top_scores[i] = ranked[row, : self.top_k].tolist()
+                tags[i] = self.name_array[order[row][above[row]]].tolist()
+                tag_scores[i] = ranked[row][above[row]].tolist()
+        columns = {
+            "path": [e.key for e in batch.entries],
+            "top_labels": top_labels,
+            "top_scores": top_scores,
+            "tags": tags,
+            "tag_scores": tag_scores,
+            "error": [batch.errors.get(i) for i in range(n)],
+        }
+        if self.embeddings:
+            # NaN rows for unreadable images, as `mumic embed` writes them (Parquet cannot read back a null
+            # fixed-size list).
+            matrix = np.full((n, features.shape[1]), np.nan, dtype=np.float32)
+            matrix[readable] = features
+            columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), features.shape[1])
+        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+
+
+class _Parts:
+    """`<out>.parts/`: the record of the run, and the part files committed so far."""
+
+    def __init__(self, out: Path, schema: pa.Schema) -> None:
+        self.dir = out.with_name(out.name + ".parts")
+        self.schema = schema
+        self.pending: list[pa.RecordBatch] = []
+        self.next_index = 0
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob(PART_PATTERN))
+
+    def open(self, record: dict[str, Any], replace_other_run: bool) -> set[str]:
+        """The keys already committed by an earlier run of the same record; a different run refuses, or with
+        `replace_other_run` is discarded."""
+        if self.dir.is_dir():
+            recorded = read_json(self.dir / RUN_RECORD) if (self.dir / RUN_RECORD).is_file() else None
+            if recorded != record and (recorded is not None or self.files()):
+                if not replace_other_run:
+                    raise TaggingError(_mismatch_message(self.dir, recorded, record))
+                log.info("tag: discarding %s, an unfinished run with other settings", self.dir)
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):  # a write the kill interrupted; its rows were never committed
+            stale.unlink()
+        atomic_write_json(self.dir / RUN_RECORD, record)
+        done: set[str] = set()
+        for part in self.files():
+            done.update(pq.read_table(part, columns=["path"])["path"].to_pylist())
+            self.next_index = max(self.next_index, int(part.stem.removeprefix("part-")) + 1)
+        return done
+
+    def add(self, batch: pa.RecordBatch, chunk_size: int) -> None:
+        self.pending.append(batch)
+        while sum(b.num_rows for b in self.pending) >= chunk_size:
+            table = pa.Table.from_batches(self.pending, self.schema)
+            self._commit(table.slice(0, chunk_size))
+            rest = table.slice(chunk_size)
+            self.pending = rest.to_batches() if rest.num_rows else []
+
+    def flush(self) -> None:
+        if self.pending:
+            self._commit(pa.Table.from_batches(self.pending, self.schema))
+            self.pending = []
+
+    def _commit(self, table: pa.Table) -> None:
+        with atomic_path(self.dir / f"part-{self.next_index:06d}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        self.next_index += 1
+
+    def combine(self, out: Path) -> None:
+        """Every part, in the order committed, into `out` in one rename; then the parts are no longer needed."""
+        with atomic_path(out) as tmp, pq.ParquetWriter(tmp, self.schema) as writer:
+            for part in self.files():
+                writer.write_table(pq.read_table(part, schema=self.schema))
+        shutil.rmtree(self.dir)
+
+
+def _mismatch_message(folder: Path, recorded: dict[str, Any] | None, record: dict[str, Any]) -> str:
+    if recorded is None:
+        return f"{folder} holds part files but no {RUN_RECORD}; it is not a tagging run's folder, so it is left alone"
+    differences = []
+    for key, value in record.items():
+        before = recorded.get(key)
+        if before == value:
+            continue
+        if key == "classes":
+            added = [c for c in value if c not in before]
+            removed = [c for c in before if c not in value]
+            differences.append(f"classes (added {added}, removed {removed})" if added or removed else "class order")
+        else:
+            differences.append(f"{key} ({before!r} there, {value!r} now)")
+    return (
+        f"{folder} holds an unfinished run that differs in {'; '.join(differences)}; its tags must not be mixed "
+        "with these. Finish it with the same model and settings, or delete the folder to start afresh"
+    )
+
+
+@dataclass(frozen=True)
+class TagSummary:
+    out: Path
+    images: int  # rows of the output
+    tagged: int  # rows without an error
+    errors: int
+    resumed: int  # rows an earlier, interrupted run had committed
+    seconds: float  # this run, model loading included
+    images_per_s: float  # images this run decoded and scored, per second
+    tag_counts: dict[str, int]  # images per tag, most frequent first
+    top_label_counts: dict[str, int]  # images per first-ranked label, most frequent first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "images": self.images,
+            "tagged": self.tagged,
+            "errors": self.errors,
+            "resumed": self.resumed,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+        }
+
+
+def tag_images(
+    model_dir: str | os.PathLike,
+    images: Iterable[ImageEntry],
+    out: str | os.PathLike,
+    *,
+    source: str,
+    config: TagConfig,
+    extra_classes: Sequence[str] = (),
+    embeddings: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    replace_other_run: bool = False,
+) -> TagSummary:
+    """Tag every image of `images` (each key once, as `list_images` gives them) into the Parquet file `out`,
+    resuming the run `<out>.parts/` holds.
+
+    `source` names the collection in the run record (its path), so that parts of one collection are never
+    continued with another. `replace_other_run` discards an unfinished run with other settings instead of
+    refusing it: for a caller that always wants the newest model's tags.
+    """
+    started = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    with BatchDecoder(config.workers) as decoder:
+        predictor = Predictor.from_dir(model_dir, device=str(device), batch_size=config.batch_size)
+        scorer = _Scorer(
+            predictor, extra_classes, top_k=config.top_k, threshold=config.threshold, embeddings=embeddings
+        )
+        record = {
+            "model": model_id(model_dir),
+            "classes": scorer.names,
+            "source": source,
+            "top_k": config.top_k,
+            "threshold": config.threshold,
+            "embeddings": embeddings,
+        }
+        parts = _Parts(out, scorer.schema)
+        done = parts.open(record, replace_other_run)
+        if done:
+            log.info("tag: resuming, %d images already committed in %s", len(done), parts.dir)
+        pending = (entry for entry in images if entry.key not in done)
+        processed = 0
+        decoded = decoder.decode(_batches(pending, config.batch_size), predictor.model.image_norm.size)
+        with tqdm(desc="tag", unit="img", disable=None if progress else True, dynamic_ncols=True) as bar:
+            for batch in decoded:
+                parts.add(scorer(batch), config.chunk_size)
+                processed += len(batch.entries)
+                bar.update(len(batch.entries))
+    parts.flush()
+    parts.combine(out)
+    seconds = time.perf_counter() - started
+    return _summary(out, resumed=len(done), seconds=seconds, processed=processed)
+
+
+def _summary(out: Path, *, resumed: int, seconds: float, processed: int) -> TagSummary:
+    """Counts read back from `out` in record batches, so that rows of an earlier run count too and a large
+    output is never held whole."""
+    rows = errors = 0
+    tag_counts: Counter[str] = Counter()
+    top_label_counts: Counter[str] = Counter()
+    for batch in pq.ParquetFile(out).iter_batches(columns=["error", "tags", "top_labels"]):
+        rows += batch.num_rows
+        errors += batch.num_rows - batch.column("error").null_count
+        tag_counts.update(pc.list_flatten(batch.column("tags")).to_pylist())
+        top_label_counts.update(pc.list_element(batch.column("top_labels"), 0).drop_null().to_pylist())
+    return TagSummary(
+        out=out,
+        images=rows,
+        tagged=rows - errors,
+        errors=errors,
+        resumed=resumed,
+        seconds=seconds,
+        images_per_s=processed / seconds if seconds > 0 else 0.0,
+        tag_counts=_most_frequent_first(tag_counts),
+        top_label_counts=_most_frequent_first(top_label_counts),
+    )
+
+
+def _most_frequent_first(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
