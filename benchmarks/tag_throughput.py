@@ -40,31 +40,12 @@ def photo_folder(root: Path, n_images: int, distinct: int, image_size: int) -> P
 
 
 def untrained_model(root: Path, backbone_name: str, taxonomy_path: Path) -> Path:
-    import torch
-
-    from mumic_ml.backbone import create_backbone
+    """Random weights: throughput does not depend on what the model has learned."""
     from mumic_ml.config import Params
-    from mumic_ml.model_io import build_classifier, save_model_dir
-    from mumic_ml.taxonomy import class_prompts, load_taxonomy
+    from mumic_ml.pretrain import export_zero_shot
 
-    taxonomy = load_taxonomy(taxonomy_path)
-    prompts = [class_prompts(name, taxonomy.default_prompts) for name in taxonomy.names]
-    cfg = Params().model.model_copy(update={"backbone": backbone_name})
-    torch.manual_seed(0)
-    backbone = create_backbone(backbone_name, None)
-    return save_model_dir(
-        root / "model",
-        classifier=build_classifier(cfg, prompts, backbone).eval(),
-        backbone_name=backbone_name,
-        backbone_config=backbone.model_config,
-        model_cfg=cfg,
-        image_norm=backbone.image_norm,
-        taxonomy=taxonomy,
-        class_names=taxonomy.names,
-        class_prompts=prompts,
-        thresholds=None,
-        metadata={},
-    )
+    params = Params().updated({"model.backbone": backbone_name})
+    return export_zero_shot(params, taxonomy_path=taxonomy_path, backbone_weights=None, model_dir=root / "model")
 
 
 def bare_forward(model_dir: Path, photos: Path, batch_size: int):
