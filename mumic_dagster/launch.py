@@ -13,6 +13,10 @@ says which setting to fix instead of Dagster's retries and traceback.
 
     DAGSTER_HOME=.dagster_home python -m mumic_dagster.launch retrain_job promote_job
     DAGSTER_HOME=/srv/dagster python -m mumic_dagster.launch --queue retrain_job
+    DAGSTER_HOME=.dagster_home python -m mumic_dagster.launch -c rollback.yaml promote_job
+
+`-c` takes run config as the launchpad does, e.g. `ops: {promote_challenger: {config: {rollback: true}}}`, or
+`execution: {config: {in_process: {}}}` to run every step in the run's own process.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import yaml
 from dagster._core.errors import DagsterUserCodeUnreachableError
 from dagster._core.events import DagsterEventType
 from dagster._core.remote_representation.external import RemoteJob
@@ -65,7 +71,12 @@ class RunOutcome:
 
 
 def launch_jobs(
-    instance: dg.DagsterInstance, workspace_file: str, job_names: Sequence[str], *, queue: bool = False
+    instance: dg.DagsterInstance,
+    workspace_file: str,
+    job_names: Sequence[str],
+    *,
+    queue: bool = False,
+    run_config: Mapping[str, Any] | None = None,
 ) -> list[RunOutcome]:
     """Run each job in turn, stopping at the first that does not succeed (a later job builds on an earlier one).
 
@@ -75,7 +86,7 @@ def launch_jobs(
     with open_workspace(instance, workspace_file) as workspace:
         remote_jobs = [find_job(workspace, name) for name in job_names]
         for remote_job in remote_jobs:
-            run = create_run(workspace, remote_job)
+            run = create_run(workspace, remote_job, run_config)
             where = remote_job.handle.location_name
             how = "queued for" if queue else "launched in"
             print(f"{remote_job.name}: run {run.run_id} {how} code location {where}", flush=True)
@@ -225,6 +236,16 @@ def _summary(outcome: RunOutcome) -> str:
     return "\n".join(lines)
 
 
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise LaunchError(f"cannot read run config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise LaunchError(f"run config {path} must be a mapping, like the launchpad's YAML")
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mumic_dagster.launch",
@@ -239,7 +260,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="submit each run to the instance's run queue, for a running dagster-daemon to start within the "
         "queue's limits, instead of launching it now",
     )
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="run config YAML for each job, as the launchpad takes it (op config, resources, executor)",
+    )
     args = parser.parse_args(argv)
+    try:
+        run_config = _read_run_config(args.config) if args.config else None
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     home = os.environ.get("DAGSTER_HOME")
     problem = dagster_storage_problem(home) if home else None
     if problem is not None:
@@ -247,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         with dg.DagsterInstance.get() as instance:
-            outcomes = launch_jobs(instance, args.workspace, args.jobs, queue=args.queue)
+            outcomes = launch_jobs(instance, args.workspace, args.jobs, queue=args.queue, run_config=run_config)
     except (LaunchError, dg.DagsterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 import pytest
+import yaml
 from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
 from test_pipeline import make_project
 
@@ -19,9 +20,12 @@ TINY_LOCATION = textwrap.dedent(
     """
     import dagster as dg
 
+    class Greeting(dg.Config):
+        name: str = "world"
+
     @dg.op
-    def say_hello(context) -> None:
-        context.log.info("hello")
+    def say_hello(context, config: Greeting) -> None:
+        context.log.info(f"hello {config.name}")
 
     @dg.op
     def break_down() -> None:
@@ -101,6 +105,36 @@ def test_a_failed_run_fails_the_launch_and_stops_the_sequence(
 def test_an_unknown_job_creates_no_run(dagster_home, tiny_workspace, no_process_left_behind, capsys):
     assert launch.main(["-w", str(tiny_workspace), "tiny_job", "no_such_job"]) == 2
     assert "no_such_job" in capsys.readouterr().err
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert not instance.get_runs()
+
+
+def test_run_config_from_a_file_reaches_the_ops_and_the_executor(
+    dagster_home, tiny_workspace, tmp_path, no_process_left_behind
+):
+    config = {"ops": {"say_hello": {"config": {"name": "team"}}}, "execution": {"config": {"in_process": {}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert launch.main(["-w", str(tiny_workspace), "-c", str(tmp_path / "run.yaml"), "tiny_job"]) == 0
+    [run] = runs_listed_on_job_page(dagster_home, "tiny_job", "__repository__@tiny")
+    assert run.run_config == config
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        messages = [entry.user_message for entry in instance.all_logs(run.run_id)]
+    assert "hello team" in messages
+    assert any("in_process" in m or "in process" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ops: {say_hello: {config: {nmae: team}}}", "nmae"),
+        ("ops: [unclosed", "cannot read run config"),
+        ("- a list", "must be a mapping"),
+    ],
+)
+def test_a_bad_run_config_creates_no_run(dagster_home, tiny_workspace, tmp_path, capsys, text, expected):
+    (tmp_path / "run.yaml").write_text(text)
+    assert launch.main(["-w", str(tiny_workspace), "-c", str(tmp_path / "run.yaml"), "tiny_job"]) == 2
+    assert expected in capsys.readouterr().err
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert not instance.get_runs()
 

@@ -10,6 +10,7 @@ import http.server
 import json
 import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +224,23 @@ def test_an_s3_remote_names_the_endpoint_setting_dvc_uses(monkeypatch):
         "(dvc remote modify --local shared endpointurl)"
     )
     assert f"at {other} " in problem
+
+
+def test_the_shared_s3_remote_is_checked_only_where_s3_is_set_up(tmp_path, monkeypatch):
+    """A fresh clone on the embedded default has the `shared` remote in .dvc/config and no S3 settings at all."""
+    subprocess.run(["git", "init", "--quiet"], cwd=tmp_path, check=True)
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    for name in (*checks.S3_ENVIRONMENT, "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert checks.dvc_s3_remotes(tmp_path) == {}
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    assert list(checks.dvc_s3_remotes(tmp_path)) == ["shared"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    (tmp_path / ".dvc" / "config.local").write_text(f"['remote \"shared\"']\n    endpointurl = {dead}\n")
+    assert list(checks.dvc_s3_remotes(tmp_path)) == ["shared"]
 
 
 def test_the_deployment_files_name_the_same_settings():

@@ -37,6 +37,9 @@ SERVER_ARTIFACT_SETTINGS = (
 )
 S3_CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# Settings that say this machine talks to an S3 store: in the environment, or in a DVC remote's own settings.
+S3_ENVIRONMENT = (S3_ENDPOINT_ENV, "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+S3_REMOTE_SETTINGS = ("endpointurl", "access_key_id", "profile", "credentialpath")
 # What an S3 server answers when the key is unknown, the secret wrong or the key not allowed.
 S3_REFUSALS = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken", "403"}
@@ -312,12 +315,22 @@ def dagster_storage_problem(dagster_home: str | os.PathLike) -> str | None:
 
 
 def dvc_s3_remotes(root: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """The S3 remotes of the DVC repository at `root` with their merged settings (config, config.local)."""
+    """The S3 remotes of the DVC repository at `root` that this machine is set up to use, with their merged
+    settings (config, config.local). A remote counts when it is DVC's default or when an endpoint or credentials
+    for it are set, in its settings or the environment: a fresh clone on the embedded default has the `shared`
+    remote in its config and no S3 at all, and must not fail a check for a remote it never uses."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         remotes = {name: dict(section) for name, section in repo.config["remote"].items()}
-    return {name: section for name, section in remotes.items() if section.get("url", "").startswith("s3://")}
+        default = repo.config["core"].get("remote")
+    s3_settings = any(os.environ.get(name) for name in S3_ENVIRONMENT)
+    return {
+        name: section
+        for name, section in remotes.items()
+        if section.get("url", "").startswith("s3://")
+        and (name == default or s3_settings or any(section.get(key) for key in S3_REMOTE_SETTINGS))
+    }
 
 
 def dvc_remote_problem(remote: str, section: Mapping[str, str]) -> str | None:
@@ -370,7 +383,7 @@ def _s3_problem(remote: str, url: str, section: Mapping[str, str]) -> str | None
 def check_services(project: Project, dagster_home: str | os.PathLike | None) -> list[tuple[str, str | None]]:
     """Each configured service with None when it answers, else the one line that says what to fix: the project's
     MLflow store, the Dagster instance's PostgreSQL (when `dagster_home` names one on PostgreSQL), and every S3
-    remote of the project's DVC repository (when it is one)."""
+    remote of the project's DVC repository that this machine is set up to use (`dvc_s3_remotes`)."""
     uri, _ = tracking_location(project)
     results = [(f"MLflow tracking store {public_uri(uri)}", tracking_store_problem(uri, tracking_setting(project)))]
     if dagster_home:
