@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mumic_ml.config import DEFAULT_PARAMS_FILE, DEMO_FOUNDATION, ConfigError, load_params
-from mumic_ml.pipeline import INSTALL_EXTRA, ServiceUnavailable, missing_extra_module
+from mumic_ml.pipeline import ServiceUnavailable, missing_extra_module
 from mumic_ml.project import Project
 
 if TYPE_CHECKING:
@@ -741,7 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = missing_extra_module(exc)
         if missing is None:
             raise
-        print(f"mumic {args.command} needs the pipeline extra: {INSTALL_EXTRA} (missing: {missing})", file=sys.stderr)
+        extra, module = missing
+        install = f"pip install 'mumic[{extra}]'"
+        print(f"mumic {args.command} needs the {extra} extra: {install} (missing: {module})", file=sys.stderr)
         return 2
     except (
         CommandError,

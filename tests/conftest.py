@@ -3,6 +3,12 @@ import os
 # Tests never reach a model hub: a download attempt must fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Each test worker gets its share of the cores, and so does every process it starts (set before torch loads):
+# torch's OpenMP threads spin while they wait for each other, so two workers with a thread per core each spend
+# much of their time fighting over the cores (with the cores busy, a small retrain took half the wall time and a
+# third of the CPU on one thread).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402

@@ -217,6 +217,20 @@ def test_a_command_that_needs_the_pipeline_extra_says_so_in_one_line(
     assert capsys.readouterr().err == expected
 
 
+def test_shared_services_without_the_services_extra_say_so_in_one_line(capsys, tmp_path, monkeypatch):
+    """PostgreSQL storage in dagster.yaml (deploy/dagster.yaml) on an install without `mumic[services]`."""
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    shutil.copy(REPO / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    for name, value in {"HOST": "127.0.0.1", "PORT": "5432", "USER": "u", "PASSWORD": "p", "DB": "d"}.items():
+        monkeypatch.setenv(f"DAGSTER_PG_{name}", value)
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    assert main(["check-services"]) == 2
+    expected = "mumic check-services needs the services extra: pip install 'mumic[services]' (missing: psycopg)\n"
+    assert capsys.readouterr().err == expected
+
+
 def test_the_core_imports_without_the_pipeline_extra():
     """Every module of mumic_ml outside mumic_ml.pipeline imports in a process where the extra's packages cannot."""
     core = sorted(path.stem for path in (REPO / "mumic_ml").glob("*.py") if path.stem != "__main__")

@@ -8,9 +8,10 @@ itself imports nothing of the extra, so the CLI can name what is missing.
 
 from __future__ import annotations
 
-INSTALL_EXTRA = "pip install 'mumic[pipeline]'"
-# The top-level modules of the extra's distributions (pyproject.toml), as `import` spells them.
+# The top-level modules of each extra's distributions (pyproject.toml), as `import` spells them: `pipeline` for
+# the embedded default, `services` for PostgreSQL and S3 (docs/deployment.md).
 EXTRA_MODULES = frozenset({"dagster", "dvc", "great_expectations", "mlflow"})
+SERVICES_EXTRA_MODULES = frozenset({"dagster_postgres", "psycopg", "psycopg2", "dvc_s3", "boto3", "botocore"})
 
 
 class ServiceUnavailable(RuntimeError):
@@ -19,8 +20,12 @@ class ServiceUnavailable(RuntimeError):
     Defined here, outside the modules that need the extra, so the CLI can catch it without importing them."""
 
 
-def missing_extra_module(exc: ModuleNotFoundError) -> str | None:
-    """The module of the extra whose absence raised `exc`; None when something else is missing (a broken install
+def missing_extra_module(exc: ModuleNotFoundError) -> tuple[str, str] | None:
+    """The extra and its module whose absence raised `exc`; None when something else is missing (a broken install
     of some other package should show its own traceback)."""
     top_level = (exc.name or "").partition(".")[0]
-    return top_level if top_level in EXTRA_MODULES else None
+    if top_level in EXTRA_MODULES:
+        return "pipeline", top_level
+    if top_level in SERVICES_EXTRA_MODULES:
+        return "services", top_level
+    return None
