@@ -6,6 +6,11 @@ combines them. The bare side is the same model's forward pass (image tower and c
 images already decoded into uint8 batches of the same size, with nothing else to do. Rounds alternate which side
 goes first, so that load from other processes hits both alike; the ratio is the figure that matters (goal: >= 0.8).
 
+The bare side runs each batch on all of torch's threads; the tag side splits them into lanes (`tagging._Lanes`),
+a batch per thread. On a loaded machine the bare side's split batches wait at a barrier for every operation and
+collapse (a quarter of their one-thread speed), so the ratio there says more about the load than about tagging;
+`--threads 1` compares one lane with one thread.
+
     python benchmarks/tag_throughput.py                              # mumic-tiny (untrained), 4000 demo photos
     python benchmarks/tag_throughput.py --model models/mumic --workers 2 --batch-size 128
 """
@@ -77,7 +82,7 @@ def main() -> None:
     import torch
 
     from mumic_ml.config import TagConfig
-    from mumic_ml.tagging import list_images, tag_images
+    from mumic_ml.tagging import MAX_LANES, list_images, tag_images
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: an untrained --backbone model)")
@@ -127,6 +132,7 @@ def main() -> None:
     per_s["tag_after_start_up"] = n_images / max(median["tag"] - median["tag_start_up"], 1e-9)
     figures = {
         "device": f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)",
+        "tag_lanes": min(torch.get_num_threads(), MAX_LANES),
         "model": args.model or f"{args.backbone} (untrained)",
         "images": n_images,
         "image_size": args.image_size,
@@ -142,7 +148,7 @@ def main() -> None:
     }
     print(
         f"{figures['model']}, {n_images} photos of {args.image_size} px on disk, batch {args.batch_size}, "
-        f"{args.workers} decoding worker(s), {figures['device']}"
+        f"{args.workers} decoding worker(s), {figures['device']}, {figures['tag_lanes']} tag lane(s)"
     )
     print(f"{'mumic tag (end to end)':28}{per_s['tag']:10.1f} images/s")
     print(f"{'bare forward (decoded)':28}{per_s['bare']:10.1f} images/s")

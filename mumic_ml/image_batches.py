@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -66,23 +67,43 @@ class BatchDecoder:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def decode(self, batches: Iterable[Sequence[ImageEntry]], size: int) -> Iterator[DecodedBatch]:
-        """The batches decoded; with workers, up to two batches per worker are decoded while the caller works on
-        the one before, and batches are drawn from `batches` only that far ahead, so a listing of any length holds
-        memory for those alone."""
+    def decode(self, batches: Iterable[Sequence[ImageEntry]], size: int) -> Iterator[Callable[[], DecodedBatch]]:
+        """The batches, in order, each as a call that returns it decoded.
+
+        Without workers the call decodes in the thread that makes it, so a caller that runs the calls in several
+        threads decodes that many batches at once (Pillow lets go of the GIL while it decompresses). With workers,
+        up to two batches per worker are decoding ahead of the calls and the call waits for its batch. Batches are
+        drawn from `batches` only that far ahead, so a listing of any length holds memory for those alone; if
+        drawing the next one fails, the batches already begun are handed out before the error.
+        """
         if self._pool is None:
             for entries in batches:
-                yield DecodedBatch(entries, *decode_batch([e.path for e in entries], size))
+                yield partial(_decoded, entries, size)
             return
         in_flight: deque[tuple[Sequence[ImageEntry], Future]] = deque()
-        for entries in batches:
+        source = iter(batches)
+        while True:
+            try:
+                entries = next(source)
+            except StopIteration:
+                break
+            except Exception:
+                while in_flight:
+                    yield partial(_collected, *in_flight.popleft())
+                raise
             in_flight.append((entries, self._pool.submit(decode_batch, [e.path for e in entries], size)))
             if len(in_flight) > 2 * self.workers:
-                done, future = in_flight.popleft()
-                yield DecodedBatch(done, *future.result())
+                yield partial(_collected, *in_flight.popleft())
         while in_flight:
-            done, future = in_flight.popleft()
-            yield DecodedBatch(done, *future.result())
+            yield partial(_collected, *in_flight.popleft())
+
+
+def _decoded(entries: Sequence[ImageEntry], size: int) -> DecodedBatch:
+    return DecodedBatch(entries, *decode_batch([e.path for e in entries], size))
+
+
+def _collected(entries: Sequence[ImageEntry], future: Future) -> DecodedBatch:
+    return DecodedBatch(entries, *future.result())
 
 
 def _started() -> None:

@@ -10,6 +10,17 @@ instead of mixing two runs' tags. When every image is done the parts become `<ou
 Decoding and preprocessing are `mumic predict`'s (the defensive decoder, shorter side resized, centre crop,
 `ImagePreparer`, the model's calibration), so a photo scores the same in both; an image that cannot be read
 becomes a row with an error.
+
+Speed (docs/benchmarks.md, "Tagging"): on a CPU, batches are scored in lanes, one thread each (`_Lanes`), and a
+batch crosses from a decoding process as uint8 and is normalised whole in the lane; rows are built a column at a
+time. On a GPU one lane drives the device and decoding stays on the CPU, in `tag.workers` processes; the uint8 batch
+is moved to the device and normalised there. torchvision could also decode JPEG files on the device
+(`torchvision.io.decode_jpeg(list_of_file_bytes, device="cuda")`, then resize and crop as tensors), for when CPU
+decoding cannot keep a GPU busy. That path is not taken: nvJPEG's and torch's bicubic pixels differ from Pillow's
+by a level here and there, so scores would no longer equal `mumic predict`'s, and it would bypass the defensive
+decoder (declared-size limit, EXIF orientation, CMYK, palette and 16-bit images), which would have to be applied
+to the header first. Add it as its own branch on `predictor.device.type == "cuda"`, used only for files Pillow
+reports as plain JPEG, if a GPU run is ever decode-bound.
 """
 
 from __future__ import annotations
@@ -19,11 +30,12 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +58,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", "
 UNTUNED_THRESHOLD = 0.5
 RUN_RECORD = "run.json"
 PART_PATTERN = "part-*.parquet"
+# Batches scored at once on a CPU (`_Lanes`), each one more batch in memory; past it, torch's threads split each.
+MAX_LANES = 4
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class TaggingError(RuntimeError):
@@ -138,7 +155,7 @@ class _Scorer:
         except ValueError as exc:  # a linear head has no text tower to score a name with
             raise TaggingError(str(exc)) from exc
         self.names = predictor.class_names + extra_names
-        self.name_array = np.array(self.names, dtype=object)
+        self.name_values = pa.array(self.names, pa.string())
         self.top_k = min(top_k, len(self.names))
         self.thresholds = self._thresholds(predictor, threshold, len(extra_names))
         self.embeddings = embeddings
@@ -161,31 +178,29 @@ class _Scorer:
         return probs, out.image_features.float().cpu().numpy()
 
     def __call__(self, batch: DecodedBatch) -> pa.RecordBatch:
+        """The batch's rows, built a column at a time: no Python work per image beyond its key and error."""
         n = len(batch.entries)
-        readable = [i for i in range(n) if i not in batch.errors]
-        top_labels: list[list[str] | None] = [None] * n
-        top_scores: list[list[float] | None] = [None] * n
-        tags: list[list[str] | None] = [None] * n
-        tag_scores: list[list[float] | None] = [None] * n
+        readable = np.ones(n, dtype=bool)
+        readable[list(batch.errors)] = False
         features = np.zeros((0, self.predictor.embedding_dim), dtype=np.float32)
-        if readable:
+        top = np.zeros((0, self.top_k), dtype=np.int64)
+        order = np.zeros((0, len(self.names)), dtype=np.int64)
+        ranked = np.zeros(order.shape)
+        if readable.any():
             probs, features = self._score(batch.pixels)
             # Stable, so ties go to the lower class index, as in `mumic predict`.
             order = np.argsort(-probs, axis=1, kind="stable")
             ranked = np.take_along_axis(probs, order, axis=1)
-            above = ranked >= self.thresholds[order]
-            for row, i in enumerate(readable):
-                top_labels[i] = self.name_array[order[row, : self.top_k]].tolist()
-                top_scores[i] = ranked[row, : self.top_k].tolist()
-                tags[i] = self.name_array[order[row][above[row]]].tolist()
-                tag_scores[i] = ranked[row][above[row]].tolist()
+            top = order[:, : self.top_k]
+        above = ranked >= self.thresholds[order]  # in float64, as `mumic predict`'s threshold
+        scores = ranked.astype(np.float32)
         columns = {
-            "path": [e.key for e in batch.entries],
-            "top_labels": top_labels,
-            "top_scores": top_scores,
-            "tags": tags,
-            "tag_scores": tag_scores,
-            "error": [batch.errors.get(i) for i in range(n)],
+            "path": pa.array([e.key for e in batch.entries], pa.string()),
+            "top_labels": _lists(self.name_values.take(top.ravel()), np.full(len(top), self.top_k), readable),
+            "top_scores": _lists(pa.array(scores[:, : self.top_k].ravel()), np.full(len(top), self.top_k), readable),
+            "tags": _lists(self.name_values.take(order[above]), above.sum(axis=1), readable),
+            "tag_scores": _lists(pa.array(scores[above]), above.sum(axis=1), readable),
+            "error": pa.array([batch.errors.get(i) for i in range(n)], pa.string()),
         }
         if self.embeddings:
             # NaN rows for unreadable images, as `mumic embed` writes them (Parquet cannot read back a null
@@ -193,7 +208,16 @@ class _Scorer:
             matrix = np.full((n, features.shape[1]), np.nan, dtype=np.float32)
             matrix[readable] = features
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), features.shape[1])
-        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=self.schema)
+
+
+def _lists(values: pa.Array, lengths: np.ndarray, readable: np.ndarray) -> pa.ListArray:
+    """A list per row from the readable rows' `values` laid end to end, `lengths` of them each; null where
+    unreadable."""
+    per_row = np.zeros(len(readable), dtype=np.int32)
+    per_row[readable] = lengths
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~readable))
 
 
 class _Parts:
@@ -340,15 +364,64 @@ def tag_images(
         pending = (entry for entry in images if entry.key not in done)
         processed = 0
         decoded = decoder.decode(_batches(pending, config.batch_size), predictor.model.image_norm.size)
-        with tqdm(desc="tag", unit="img", disable=None if progress else True, dynamic_ncols=True) as bar:
-            for batch in decoded:
-                parts.add(scorer(batch), config.chunk_size)
-                processed += len(batch.entries)
-                bar.update(len(batch.entries))
+        with (
+            _Lanes(predictor.device) as lanes,
+            tqdm(desc="tag", unit="img", disable=None if progress else True, dynamic_ncols=True) as bar,
+        ):
+            for rows in lanes.map(lambda batch: scorer(batch()), decoded):
+                parts.add(rows, config.chunk_size)
+                processed += rows.num_rows
+                bar.update(rows.num_rows)
     parts.flush()
     parts.combine(out)
     seconds = time.perf_counter() - started
     return _summary(out, resumed=len(done), seconds=seconds, processed=processed)
+
+
+class _Lanes:
+    """Batches scored side by side, each by one thread with an equal share of torch's threads.
+
+    Several batches at once, each on its own core, keep the cores busy where one batch split across them cannot:
+    the split waits at a barrier after every operation, so all its cores stall whenever anything else (decoding,
+    Parquet, another process) holds one of them. Decoding without worker processes happens in the lanes too, so
+    it runs beside the other lanes' forward passes. On a GPU one lane: the device runs one batch at a time, and
+    the lane still overlaps the host's Parquet work with it.
+    torch's thread count is process-wide, so it is set for the run and restored after.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        threads = torch.get_num_threads()
+        self.count = min(threads, MAX_LANES) if device.type == "cpu" else 1
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="tag-lane")
+
+    def __enter__(self) -> _Lanes:
+        torch.set_num_threads(max(1, self.threads // self.count))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(self.threads)
+
+    def map(self, work: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
+        """`work` of each item, in the items' order, with two per lane in flight; if drawing the next item fails,
+        the work already begun is handed out before the error, so that a caller commits it."""
+        in_flight: deque[Future[_R]] = deque()
+        source = iter(items)
+        while True:
+            try:
+                item = next(source)
+            except StopIteration:
+                break
+            except Exception:
+                while in_flight:
+                    yield in_flight.popleft().result()
+                raise
+            in_flight.append(self._pool.submit(work, item))
+            if len(in_flight) >= 2 * self.count:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
 
 def _summary(out: Path, *, resumed: int, seconds: float, processed: int) -> TagSummary:

@@ -22,6 +22,7 @@ from mumic_ml.backbone import create_backbone
 from mumic_ml.cli import main
 from mumic_ml.config import Head, Params, TagConfig
 from mumic_ml.demo_world import generate_demo_world
+from mumic_ml.image_batches import ImageEntry
 from mumic_ml.model_io import build_classifier, save_model_dir
 from mumic_ml.predict import Predictor
 from mumic_ml.tagging import TaggingError, list_images, tag_images
@@ -246,6 +247,35 @@ def test_a_superseded_run_is_discarded_when_asked(world, tmp_path):
     summary = tag(world, out, config=SMALL.model_copy(update={"top_k": 2}), replace_other_run=True)
     assert summary.resumed == 0 and summary.images == 27
     assert pd.read_parquet(out)["top_labels"].dropna().map(len).eq(2).all()
+
+
+def test_decoding_workers_hand_over_the_batches_they_began_before_the_listing_failed(world, tmp_path):
+    committed = interrupted(world, tmp_path / "tags.parquet", after=15, config=SMALL.model_copy(update={"workers": 1}))
+    assert len(committed) == 12
+
+
+def test_lanes_score_as_one_thread_does_and_torch_gets_its_threads_back(world, tmp_path):
+    """Each lane runs its batch on one thread, so four lanes and one give the same bits."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pd.read_parquet(tag(world, tmp_path / "one.parquet", embeddings=True).out)
+        torch.set_num_threads(4)
+        lanes = pd.read_parquet(tag(world, tmp_path / "lanes.parquet", embeddings=True).out)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert lanes.equals(one)
+
+
+def test_a_batch_of_unreadable_images_is_error_rows_only(world, tmp_path):
+    photos = world.photos
+    images = [ImageEntry(key, str(photos / key)) for key in ("broken.jpg", "empty.png", "2024/cut.png")]
+    summary = tag(world, tmp_path / "tags.parquet", images=images, embeddings=True)
+    frame = pd.read_parquet(summary.out)
+    assert summary.errors == 3 and list(frame["path"]) == ["broken.jpg", "empty.png", "2024/cut.png"]
+    assert frame[["top_labels", "top_scores", "tags", "tag_scores"]].isna().all().all()
+    assert np.isnan(np.stack(frame["embedding"].to_list())).all()
 
 
 def project_folder(root: Path, overrides: dict[str, dict]) -> Path:
