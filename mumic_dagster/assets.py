@@ -11,7 +11,7 @@ from mumic_dagster.metadata import clean, markdown_image, markdown_table, table
 from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource
 from mumic_ml import previews, steps
 from mumic_ml.gate import GATE_MEANING
-from mumic_ml.pipeline.validate import EXPECTATION_MEANINGS, SPLIT_EXPECTATION_MEANINGS
+from mumic_ml.pipeline.expectations import EXPECTATION_MEANINGS, SPLIT_EXPECTATION_MEANINGS
 from mumic_ml.plots import label_histogram, positives_per_split, training_curves
 from mumic_ml.project import DATA_VERSION, SPLIT_MD5_PREFIX, combined_version, data_version_fields
 

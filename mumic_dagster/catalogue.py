@@ -9,26 +9,29 @@ it names a model the catalogue was not yet tagged with.
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from mumic_dagster.assets import OWNERS, registered_model
 from mumic_dagster.metadata import clean, markdown_image, table
 from mumic_dagster.resources import ComputeResource, MlflowResource, ProjectResource
-from mumic_ml.pipeline.registry import ModelVersionInfo, current_champion, resolve_model_uri
-from mumic_ml.pipeline.services import reachable_tracking_location
 from mumic_ml.plots import label_histogram
 from mumic_ml.project import Project
-from mumic_ml.runtime import resolve_device
-from mumic_ml.tagging import list_images, tag_images
+
+if TYPE_CHECKING:
+    from mumic_ml.pipeline.registry import ModelVersionInfo
 
 CATALOGUE = "catalogue"
 # Labels listed in the asset's top-labels table; the histogram shows every tag.
 TOP_LABELS = 20
 
 
-def _champion(project: Project) -> tuple[ModelVersionInfo | None, str | None]:
+def _champion(project: Project) -> tuple["ModelVersionInfo | None", str | None]:
     """The champion's version and the tracking store it was read from (one that answers, as for the CLI)."""
+    from mumic_ml.pipeline.registry import current_champion
+    from mumic_ml.pipeline.services import reachable_tracking_location
+
     uri, _ = reachable_tracking_location(project)
     return current_champion(project.params.mlflow.registered_model, tracking_uri=uri), uri
 
@@ -42,6 +45,10 @@ def catalogue_tags(
     and an error for a photo that cannot be read. `champion_sensor` runs it each time the champion moves. Look at
     `label_histogram` and `top_labels`: what the collection holds as the champion sees it, a class that never
     appears, or one that is everywhere. A missing or empty folder materializes with 0 images and says so."""
+    from mumic_ml.pipeline.registry import resolve_model_uri
+    from mumic_ml.runtime import resolve_device
+    from mumic_ml.tagging import list_images, tag_images
+
     loaded = mlflow.track(project.load())
     champion, tracking_uri = _champion(loaded)
     name = loaded.params.mlflow.registered_model
@@ -94,7 +101,7 @@ catalogue_job = dg.define_asset_job(
 )
 
 
-def _champion_key(champion: ModelVersionInfo) -> str:
+def _champion_key(champion: "ModelVersionInfo") -> str:
     # The source names the logged model, so a registry reset that reuses version numbers still counts as a move.
     return f"{champion.version}:{hashlib.sha256(champion.source.encode()).hexdigest()[:12]}"
 

@@ -9,7 +9,7 @@ import os
 
 import dagster as dg
 
-from mumic_ml.pipeline.tracking import TRACKING_URI_ENV
+from mumic_ml.pipeline import TRACKING_URI_ENV
 from mumic_ml.project import Project
 
 

@@ -1,10 +1,14 @@
 """The package's layering, read from the source: imports (at module level or inside functions) only go down.
 
 No module of the core imports one that imports it back, the orchestration is never imported by the core, and
-what needs the pipeline extra (`mumic_ml.pipeline`) is imported only by the steps and the CLI above it.
+what needs the pipeline extra (`mumic_ml.pipeline`) is imported only by the steps and the CLI above it. The
+Dagster code location loads without the heavy frameworks, which only the steps that use them import.
 """
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,15 @@ def test_imports_form_no_cycle(graph):
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_the_code_location_loads_without_the_frameworks_its_steps_import():
+    """The code server, every run worker and every step process load the definitions first: a step that ingests or
+    promotes must not pay for torch, open_clip, Great Expectations and MLflow (about 10 s of CPU per process)."""
+    heavy = ["torch", "open_clip", "torchvision", "great_expectations", "mlflow", "dvc"]
+    script = (
+        f"import json, sys, mumic_dagster.definitions\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

@@ -12,12 +12,8 @@ import pytest
 from mumic_ml.config import ExpectationsConfig, IngestConfig, Params
 from mumic_ml.ingest import MANIFEST_SCHEMA
 from mumic_ml.io import read_json
-from mumic_ml.pipeline.validate import (
-    EXPECTATION_NAMES,
-    SPLIT_EXPECTATION_NAMES,
-    validate_manifest,
-    validate_splits,
-)
+from mumic_ml.pipeline.expectations import EXPECTATION_NAMES, SPLIT_EXPECTATION_NAMES
+from mumic_ml.pipeline.validate import validate_manifest, validate_splits
 from mumic_ml.taxonomy import Taxonomy, load_taxonomy
 
 TAXONOMY = Taxonomy.from_names(["cat", "dog", "bird"])

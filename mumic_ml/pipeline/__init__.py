@@ -12,6 +12,8 @@ from __future__ import annotations
 # the embedded default, `services` for PostgreSQL and S3 (docs/deployment.md).
 EXTRA_MODULES = frozenset({"dagster", "dvc", "great_expectations", "mlflow"})
 SERVICES_EXTRA_MODULES = frozenset({"dagster_postgres", "psycopg", "psycopg2", "dvc_s3", "boto3", "botocore"})
+# The variable that names the MLflow tracking store, here so that reading it needs no MLflow.
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 class ServiceUnavailable(RuntimeError):

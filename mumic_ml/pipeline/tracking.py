@@ -35,9 +35,9 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from mumic_ml.pipeline import TRACKING_URI_ENV
 from mumic_ml.project import Project
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 TAG_DATA_VERSION = "data_version"
 TAG_GIT_COMMIT = "git_commit"
