@@ -52,7 +52,7 @@ from mumic_ml.pipeline.services import SERVER_ARTIFACT_SETTINGS  # noqa: E402
 
 PARAMS = {
     "demo": {"n_images": 80},
-    "train": {"epochs": 3, "batch_size": 16, "early_stopping_patience": None},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": None},
     "pretrain": {"epochs": 1, "batch_size": 16},
     "audit": {"folds": 2, "head_steps": 20, "suspects": 10, "report_rows": 10},
     # Every retrain here must register: these tests are about the services, not about the gate.
@@ -61,8 +61,7 @@ PARAMS = {
 MODEL = "mumic"
 LOCATION = "mumic"
 RUN_TIMEOUT_S = 900.0
-# The runs this module creates itself execute their steps in the run worker's process: a process per step would
-# only add start-up time. The first test goes through the launcher's command line and keeps the default.
+# Every run here executes its steps in the run worker's process: a process per step would only add start-up time.
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 # A client gives up on a lost server at once here (the default retries for minutes, which a real blip deserves).
 QUICK_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
@@ -180,7 +179,10 @@ def _materialization(instance: dg.DagsterInstance, run_id: str, asset: str) -> d
 
 def test_retrain_and_promote_through_the_queue_then_serve_the_champion_from_the_server(stack, capsys):
     assert "Postgres" in type(stack.instance.run_storage).__name__
-    assert launch.main(["-w", str(stack.root / "workspace.yaml"), "--queue", "retrain_job", "promote_job"]) == 0
+    run_config = stack.home / "in_process.yaml"
+    run_config.write_text(yaml.safe_dump(IN_PROCESS))
+    workspace = str(stack.root / "workspace.yaml")
+    assert launch.main(["-w", workspace, "--queue", "-c", str(run_config), "retrain_job", "promote_job"]) == 0
     runs = stack.instance.get_runs()
     assert {run.job_name for run in runs} == {"retrain_job", "promote_job"}
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
@@ -265,7 +267,7 @@ def test_two_retrains_queued_at_once_train_one_after_the_other(stack):
 def test_a_tracking_server_killed_during_training_fails_the_run_in_one_line_and_a_rerun_resumes(stack):
     # One more epoch than before: a new training signature, so this run trains from the start.
     params = yaml.safe_load((stack.root / "params.yaml").read_text())
-    params["train"]["epochs"] = 4
+    params["train"]["epochs"] = 3
     (stack.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     versions_before = stack.versions()
     url = stack.services.mlflow.url
@@ -292,7 +294,7 @@ def test_a_tracking_server_killed_during_training_fails_the_run_in_one_line_and_
     stack.services.mlflow.restart()
     rerun = stack.succeeded(stack.submit("retrain_job"))
     trained = _materialization(stack.instance, rerun.run_id, "trained_model")
-    assert trained["resumed_from"] and trained["epochs_run"] == 4
+    assert trained["resumed_from"] and trained["epochs_run"] == 3
     assert len(stack.versions()) == len(versions_before) + 1
 
 
