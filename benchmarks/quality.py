@@ -14,6 +14,9 @@ counted as negatives (false), on the same seeds.
 
     python benchmarks/quality.py --quick              # CI: a few minutes
     python benchmarks/quality.py                      # the full table in docs/results.md (~45 min on 2 cores)
+    python benchmarks/quality.py --world-seed 1 --n-images 2000 --variants "linear + ASL" MuMIC --out DIR
+                                                      # the same comparison on another demo world
+    python benchmarks/quality.py --combine DIR1 DIR2 DIR3 --out DIR   # one summary of several worlds' results
     python benchmarks/quality.py --variants "MuMIC, unknown masked" "MuMIC, unknown as negative" --out DIR
                                                       # the partial-labels rows alone
 """
@@ -21,6 +24,7 @@ counted as negatives (false), on the same seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import math
@@ -54,6 +58,15 @@ from mumic_ml.train import train
 REPO = Path(__file__).resolve().parents[1]
 ZERO_SHOT = "zero-shot"
 MUMIC = "MuMIC"
+PAPER = "paper recipe"
+LL_REJECT = "MuMIC + large loss rejection"
+LL_CORRECT = "MuMIC + large loss correction"
+WISE_FT = "MuMIC + WiSE-FT"
+# A variant that changes only how the model is exported (train.wise_ft, which the run signature leaves out)
+# re-exports the finished run of the variant it names instead of fine-tuning again: same training, no extra cost.
+SHARED_RUNS = {WISE_FT: MUMIC}
+# What the multi-world comparison runs (the other variants only on the default world).
+ROBUST_VARIANTS = ("linear + ASL", MUMIC, PAPER, LL_REJECT, WISE_FT)
 
 # name -> overrides of params.yaml (None: no fine-tuning). MuMIC itself is params.yaml as it stands: the MuMIC
 # head (cosines to class text embeddings plus a class residual, temperature learned from 0.2, text tower frozen)
@@ -68,6 +81,19 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "MuMIC + learned bias": {"model.learn_bias": True},
     "MuMIC, tuned text tower": {"model.freeze_text": False},
     "MuMIC from random init": {"model.pretrained": None},
+    # The method as published: tempered-sigmoid BCE, both towers tuned, T learned from CLIP's 0.07, no residual.
+    PAPER: {
+        "train.loss": "tempered_sigmoid_bce",
+        "model.freeze_text": False,
+        "model.init_temperature": 0.07,
+        "model.learn_temperature": True,
+        "model.class_residual": False,
+    },
+    # Against missing positives: Large Loss rejection / correction (train.large_loss at params.yaml's rate), and
+    # WiSE-FT with alpha chosen on the validation split.
+    LL_REJECT: {"train.large_loss.mode": "reject"},
+    LL_CORRECT: {"train.large_loss.mode": "correct"},
+    WISE_FT: {"train.wise_ft.alpha_grid": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]},
 }
 # The partial-labels setting: MuMIC on train labels with `Budget.hidden` of the entries unknown, masked or not.
 PARTIAL_VARIANTS: dict[str, dict[str, Any]] = {
@@ -95,16 +121,19 @@ class Budget:
     seeds: tuple[int, ...]
     noise: tuple[float, ...]
     hidden: float = 0.3  # share of the train split's (image, class) entries hidden as unknown for PARTIAL_VARIANTS
+    world_seed: int = 0  # the demo world's generator seed: another seed draws other scenes
 
 
 FULL = Budget(n_images=3000, pretrain_epochs=20, train_epochs=3, seeds=(0, 1, 2), noise=(0.0, 0.2, 0.4))
-QUICK = Budget(n_images=300, pretrain_epochs=2, train_epochs=1, seeds=(0,), noise=(0.0, 0.4))
+# Two epochs, so that the Large Loss variants modify the loss (from the second epoch) and the best epoch is chosen.
+QUICK = Budget(n_images=300, pretrain_epochs=2, train_epochs=2, seeds=(0,), noise=(0.4,))
 
 
 def project_params(budget: Budget) -> dict[str, Any]:
     """params.yaml of the benchmark project: the repository's, at the budget's size, no early stopping."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["demo"]["n_images"] = budget.n_images
+    params["demo"]["seed"] = budget.world_seed
     params["pretrain"]["epochs"] = budget.pretrain_epochs
     params["pretrain"]["device"] = "cpu"
     params["train"].update(epochs=budget.train_epochs, early_stopping_patience=None, device="cpu")
@@ -125,7 +154,7 @@ def build_project(root: Path, budget: Budget) -> Project:
     project = Project.load(root)
     demo = project.params.demo
     if not project.split("test").is_file():
-        generate_demo_world(project.demo, n_images=demo.n_images, image_size=demo.image_size, seed=0)
+        generate_demo_world(project.demo, n_images=demo.n_images, image_size=demo.image_size, seed=demo.seed)
         steps.ingest_step(project)
         steps.split_step(project)
     return project
@@ -209,18 +238,26 @@ def run_variant(
     }
     run_params = project.params.updated(settings)
     started = time.perf_counter()
+    sharing = {name, SHARED_RUNS.get(name)} & set(SHARED_RUNS.values())
+    shared_run = (
+        project.root / "runs" / _file_name(_run_key(next(iter(sharing)), noise, seed, hidden)) if sharing else None
+    )
     with tempfile.TemporaryDirectory(dir=project.root) as tmp:
         result = train(
             run_params,
             splits_dir=splits_dir,
             images_root=project.ingested,
             taxonomy_path=project.taxonomy,
-            run_dir=Path(tmp) / "run",
+            run_dir=shared_run or Path(tmp) / "run",
             model_dir=Path(tmp) / "model",
             cache_dir=project.cache,
             progress=False,
+            resume=shared_run is not None,
         )
         report = steps.evaluate_on_test(project, result.model_dir, Path(tmp) / "metrics.json", retrieval=True)
+        metadata = read_json(result.model_dir / "model.json").get("metadata", {})
+    if shared_run is not None and name in SHARED_RUNS:
+        shutil.rmtree(shared_run, ignore_errors=True)
     return {
         "variant": name,
         "noise": noise,
@@ -232,8 +269,14 @@ def run_variant(
         "val_gap_at_k": [round(h["val_gap_at_k"], 5) for h in result.history],
         "gap_k": result.gap_k,
         "final_temperature": result.history[-1].get("temperature"),
+        "wise_ft": metadata.get("wise_ft"),
+        "resumed_from": result.resumed_from,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _file_name(key: str) -> str:
+    return key.replace("|", "_").replace(" ", "_").replace("/", "_")
 
 
 def _run_key(name: str, noise: float, seed: int, hidden: float = 0.0) -> str:
@@ -296,6 +339,59 @@ def markdown_table(rows: list[dict[str, Any]], budget: Budget) -> str:
     return "\n".join(parts)
 
 
+def _world_name(results: dict[str, Any]) -> str:
+    budget = results["budget"]
+    return f"seed {budget.get('world_seed', 0)}, {budget['n_images']:,} images"
+
+
+def worlds_table(all_results: list[dict[str, Any]], baseline: str = "linear + ASL") -> str:
+    """GAP@10 and mAP of every variant run in each world (one quality.json per world), per noise level; then, for
+    each MuMIC variant, its lead over `baseline` and whether it exceeds one sample standard deviation (the larger of
+    the two rows'): ✓ where it does, = where the lead is positive but within it, ✗ where MuMIC is behind."""
+    parts = []
+    for metric in ("gap_at_10", "map_macro"):
+        variants = [
+            v for v in VARIANTS if any(r["variant"] == v and r["n"] for res in all_results for r in res["summary"])
+        ]
+        parts.append(f"**{METRIC_TITLES[metric]}** (mean ± sample sd over seeds)\n")
+        parts.append("| world | missing | " + " | ".join(variants) + " |")
+        parts.append("|---|---|" + "---|" * len(variants))
+        for results in all_results:
+            rows = {(r["variant"], r["noise"]): r for r in results["summary"] if not r["hidden"]}
+            for noise in results["budget"]["noise"]:
+                cells = []
+                for v in variants:
+                    row = rows.get((v, noise))
+                    cells.append(_cell(row, metric, None) if row and row["n"] and row[metric] is not None else "–")
+                parts.append(f"| {_world_name(results)} | {noise:.0%} | " + " | ".join(cells) + " |")
+        parts.append("")
+    contenders = [v for v in VARIANTS if v.startswith(MUMIC) or v == PAPER]
+    parts.append(f"**Lead over {baseline}** (mean difference; ✓ more than one sd, = within one sd, ✗ behind)\n")
+    parts.append("| world | missing | variant | GAP@10 | mAP |")
+    parts.append("|---|---|---|---|---|")
+    for results in all_results:
+        rows = {(r["variant"], r["noise"]): r for r in results["summary"] if not r["hidden"]}
+        for noise in results["budget"]["noise"]:
+            base = rows.get((baseline, noise))
+            if not base or not base["n"]:
+                continue
+            for v in contenders:
+                row = rows.get((v, noise))
+                if not row or not row["n"]:
+                    continue
+                cells = [_lead(row, base, m) for m in ("gap_at_10", "map_macro")]
+                parts.append(f"| {_world_name(results)} | {noise:.0%} | {v} | " + " | ".join(cells) + " |")
+    parts.append("")
+    return "\n".join(parts)
+
+
+def _lead(row: dict[str, Any], base: dict[str, Any], metric: str) -> str:
+    lead = row[metric] - base[metric]
+    spread = max(row[f"{metric}_sd"], base[f"{metric}_sd"])
+    mark = "✓" if lead > spread else "=" if lead > 0 else "✗"
+    return f"{lead:+.3f} {mark}"
+
+
 def plot(rows: list[dict[str, Any]], budget: Budget, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -337,10 +433,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", nargs="*", choices=[*VARIANTS, *PARTIAL_VARIANTS], help="only these (default: all)"
     )
+    parser.add_argument("--world-seed", type=int, help="the demo world's seed (default 0, the default world)")
+    parser.add_argument("--n-images", type=int, help="images in the demo world (default 3000, quick 300)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these training seeds (default 0 1 2)")
+    parser.add_argument("--noise", nargs="+", type=float, help="only these shares of missing positives")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="no training: summarise the quality.json of these results folders (one per world) into --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.combine:
+        out_dir = args.out or (REPO / "docs/results")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table = worlds_table([read_json(folder / "quality.json") for folder in args.combine])
+        atomic_write_text(out_dir / "worlds_table.md", table)
+        print(table)
+        return 0
     budget = QUICK if args.quick else FULL
+    if args.world_seed is not None:
+        budget = dataclasses.replace(budget, world_seed=args.world_seed)
+    if args.n_images is not None:
+        budget = dataclasses.replace(budget, n_images=args.n_images)
+    if args.seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(args.seeds))
+    if args.noise:
+        budget = dataclasses.replace(budget, noise=tuple(args.noise))
     out_dir = args.out or (REPO / ("reports/quality" if args.quick else "docs/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = args.workdir is not None
@@ -355,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         done_dir.mkdir(exist_ok=True)
 
         def cached(key: str, compute) -> dict[str, Any]:
-            path = done_dir / (key.replace("|", "_").replace(" ", "_").replace("/", "_") + ".json")
+            path = done_dir / (_file_name(key) + ".json")
             if path.is_file():
                 return read_json(path)
             result = compute()

@@ -127,6 +127,55 @@ class LabelNoiseConfig(_Section):
     seed: int = 0
 
 
+class LargeLossMode(enum.StrEnum):
+    """What happens to the negatives with the largest loss (Kim et al., "Large Loss Matters in Weakly Supervised
+    Multi-Label Classification", CVPR 2022)."""
+
+    REJECT = "reject"  # LL-R: left out of the loss, like an unknown label
+    CORRECT = "correct"  # LL-Ct: counted as positives for that step
+
+
+class LargeLossConfig(_Section):
+    """A missing positive is a negative the model disagrees with, so its loss is large: each batch, the given share of
+    its known entries with the largest loss among the labelled negatives is rejected or corrected. The share is
+    `rate_per_epoch` x the epoch index (none in the first epoch, while the model learns the clean patterns first),
+    at most `max_rate`."""
+
+    mode: LargeLossMode | None = Field(None, description="reject | correct; null: off.")
+    rate_per_epoch: float = Field(
+        0.05, ge=0, le=1, description="Growth of the modified share per epoch (the paper's delta_rel)."
+    )
+    max_rate: float = Field(0.2, ge=0, lt=1, description="Cap on the share of a batch's entries modified.")
+
+
+class WiseFtConfig(_Section):
+    """WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022): the exported weights are
+    (1 - alpha) x the starting weights + alpha x the fine-tuned ones, for every tuned tensor with a starting value
+    (a linear head has none and stays fine-tuned)."""
+
+    alpha: float | None = Field(None, ge=0, le=1, description="Mixing weight of the fine-tuned model; null: off.")
+    alpha_grid: list[float] = Field(
+        default_factory=list, description="Choose alpha among these by validation GAP@k (recorded in the model)."
+    )
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid(cls, values: list[float]) -> list[float]:
+        if any(not 0 <= a <= 1 for a in values):
+            raise ValueError(f"every alpha must be in [0, 1], got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _one_way(self) -> WiseFtConfig:
+        if self.alpha is not None and self.alpha_grid:
+            raise ValueError("set alpha or alpha_grid, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha is not None or bool(self.alpha_grid)
+
+
 class TrainConfig(_Section):
     loss: Loss = Loss.ASL
     asl: AsymmetricLossConfig = AsymmetricLossConfig()
@@ -161,6 +210,8 @@ class TrainConfig(_Section):
         False,
         description="Leave a manifest's unknown_labels out of the loss (masked); false counts them as negatives.",
     )
+    large_loss: LargeLossConfig = LargeLossConfig()
+    wise_ft: WiseFtConfig = WiseFtConfig()
 
     @field_validator("device")
     @classmethod

@@ -17,6 +17,8 @@ a mean is taken over the known entries, a sum sums them. Without a mask each los
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -136,3 +138,60 @@ def asymmetric_loss(
     if reduction == "mean":
         return loss.mean()
     return loss
+
+
+def large_loss_rate(epoch: int, rate_per_epoch: float, max_rate: float) -> float:
+    """Share of a batch's entries modified in `epoch` (0-based): none in the first, then linear growth, capped."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be non-negative, got {epoch}")
+    return min(rate_per_epoch * epoch, max_rate)
+
+
+def large_loss_selection(
+    logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None, rate: float
+) -> torch.Tensor:
+    """The labelled negatives with the largest loss: ceil(rate x known entries) of them, at most every negative.
+
+    Every loss here (BCE, the tempered BCE, ASL) charges a negative more the higher its logit, so the largest
+    losses among the negatives are their highest logits: ranking by logit picks them for every loss, and breaks
+    ASL's ties among the negatives its margin already ignores. Positives and unknown entries are never picked.
+    """
+    _check_pair("logits", logits, "targets", targets)
+    mask = torch.ones_like(targets, dtype=torch.bool) if known is None else _known_mask(known, targets)
+    negative = mask & (targets == 0)
+    count = min(math.ceil(rate * int(mask.sum()) - 1e-9), int(negative.sum()))
+    selected = torch.zeros_like(negative)
+    if count <= 0:
+        return selected
+    scores = torch.where(negative, logits.detach().float(), float("-inf")).flatten()
+    selected.view(-1)[torch.topk(scores, count).indices] = True
+    return selected
+
+
+class LargeLossModification:
+    """Wraps a loss (classifier output, targets, known mask) so that each batch's largest-loss negatives are rejected
+    from it (their entries become unknown) or corrected (counted as positives for this step), as in Kim et al.,
+    "Large Loss Matters in Weakly Supervised Multi-Label Classification" (CVPR 2022). The loop sets `epoch`."""
+
+    def __init__(self, loss_fn, mode: str, rate_per_epoch: float, max_rate: float) -> None:
+        if mode not in ("reject", "correct"):
+            raise ValueError(f"mode must be 'reject' or 'correct', got {mode!r}")
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.rate_per_epoch = rate_per_epoch
+        self.max_rate = max_rate
+        self.epoch = 0
+
+    @property
+    def rate(self) -> float:
+        return large_loss_rate(self.epoch, self.rate_per_epoch, self.max_rate)
+
+    def __call__(self, out, targets: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        rate = self.rate
+        if rate <= 0:
+            return self.loss_fn(out, targets, known)
+        selected = large_loss_selection(out.logits, targets, known, rate)
+        if self.mode == "reject":
+            mask = torch.ones_like(selected) if known is None else _known_mask(known, targets)
+            return self.loss_fn(out, targets, mask & ~selected)
+        return self.loss_fn(out, torch.where(selected, torch.ones_like(targets), targets), known)

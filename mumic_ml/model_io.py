@@ -58,6 +58,30 @@ def build_classifier(
     )
 
 
+def weight_space_ensemble(
+    classifier: nn.Module, start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models"): (1 - alpha) x start + alpha x tuned for
+    every floating-point tensor, so alpha 0 is the model fine-tuning started from and alpha 1 the fine-tuned one.
+
+    A linear head starts from random weights, not from a zero-shot model, so it has nothing to ensemble with and
+    keeps its tuned weights; the MuMIC head's temperature, bias and class residual start at the zero-shot model's.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if set(start) != set(tuned):
+        raise ValueError(f"start and tuned weights differ in their tensors: {sorted(set(start) ^ set(tuned))[:5]}")
+    keep_tuned = ("head.",) if isinstance(classifier, LinearClassifier) else ()
+    mixed = {}
+    for name, value in tuned.items():
+        if not value.is_floating_point() or name.startswith(keep_tuned):
+            mixed[name] = value
+            continue
+        base = start[name].to(device=value.device, dtype=value.dtype)
+        mixed[name] = torch.lerp(base, value, alpha) if 0 < alpha < 1 else (value if alpha == 1 else base).clone()
+    return mixed
+
+
 @dataclass
 class LoadedModel:
     classifier: MumicClassifier | LinearClassifier

@@ -13,6 +13,10 @@ schedule of the step, and checkpoints carry weights, optimizer tensors and count
 restarts from its last checkpoint and replays the same batches, so on CPU with deterministic settings it ends with
 bitwise the same weights as a run that was never interrupted (tests/test_reliability.py kills one to check).
 
+Against missing positives, two options act at either end of the loop: `train.large_loss` wraps the loss so that each
+batch's largest-loss negatives are rejected or corrected (the loop sets its epoch, which sets the rate), and
+`train.wise_ft` exports a weight-space ensemble of the starting and the fine-tuned weights.
+
 Distributed data parallel: start the same command under `torchrun --nproc_per_node N`; ranks share the epoch's
 permutation and take interleaved slices, gradients are averaged by DDP, rank 0 validates and writes.
 """
@@ -64,8 +68,9 @@ from mumic_ml.evaluate import compute_scores
 from mumic_ml.images import PreprocessCache
 from mumic_ml.io import atomic_path, atomic_write_json, file_digest
 from mumic_ml.label_noise import corrupt_labels
+from mumic_ml.losses import LargeLossModification
 from mumic_ml.metrics import gap_at_k, mean_average_precision, tune_thresholds
-from mumic_ml.model_io import build_classifier, save_model_dir
+from mumic_ml.model_io import build_classifier, save_model_dir, weight_space_ensemble
 from mumic_ml.optim import LrSchedule, Stepper, parameter_groups
 from mumic_ml.runtime import DistInfo, autocast_and_scaler, configure_runtime, wrap_for_training
 from mumic_ml.task import MumicTask, create_loss
@@ -168,6 +173,10 @@ class Run:
     # train.partial_labels and the train split has unknown entries. Without any the mask would be all ones, so the
     # loss is then computed unmasked: exactly the numbers of partial_labels off.
     mask_unknown: bool
+    # train.large_loss: the loss wrapper whose epoch the loop sets; None when off.
+    large_loss: LargeLossModification | None
+    # train.wise_ft: the weights fine-tuning started from, for the weight-space ensemble at export; None when off.
+    start_state: dict[str, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -262,7 +271,15 @@ def _setup(
         )
 
     channels_last = cfg.channels_last and device.type == "cuda"
-    task = MumicTask(classifier, create_loss(cfg.loss, cfg.asl)).to(device)
+    loss_fn = create_loss(cfg.loss, cfg.asl)
+    large_loss = None
+    if cfg.large_loss.mode is not None:
+        ll = cfg.large_loss
+        loss_fn = large_loss = LargeLossModification(loss_fn, ll.mode.value, ll.rate_per_epoch, ll.max_rate)
+    start_state = None
+    if cfg.wise_ft.enabled:  # taken before a checkpoint is restored: the starting weights, not the resumed ones
+        start_state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+    task = MumicTask(classifier, loss_fn).to(device)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(parameter_groups(classifier, params), betas=(0.9, 0.98), eps=1e-6)
@@ -303,6 +320,8 @@ def _setup(
         steps_per_epoch=steps_per_epoch,
         schedule=LrSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction, cfg.min_lr_fraction),
         mask_unknown=cfg.partial_labels and not labels.train_known.all(),
+        large_loss=large_loss,
+        start_state=start_state,
     )
     return run, state
 
@@ -341,12 +360,21 @@ def _run_signature(params: Params, labels: LabelledSplits) -> str:
     recipe = {
         "model": params.model.model_dump(mode="json"),
         "weights": _weights_digest(params.model.pretrained),
-        "train": params.train.model_dump(mode="json"),
+        "train": _train_recipe(params.train),
         "gap_k": params.evaluate.k,
         "data": labels.fingerprint,
         "unknown": [_mask_digest(labels.train_known), _mask_digest(labels.val_known)],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """The train config as the signature sees it. WiSE-FT acts only at export, so a run may resume with another
+    alpha; Large Loss only while on, so runs without it keep the signature they had before it existed."""
+    recipe = cfg.model_dump(mode="json", exclude={"wise_ft", "large_loss"})
+    if cfg.large_loss.mode is not None:
+        recipe["large_loss"] = cfg.large_loss.model_dump(mode="json")
+    return recipe
 
 
 def _mask_digest(known: np.ndarray) -> str | None:
@@ -449,6 +477,9 @@ def train_one_epoch(run: Run, state: TrainState, *, progress: bool) -> EpochTrai
         pin_memory=run.device.type == "cuda",
         persistent_workers=False,
     )
+    if run.large_loss is not None:
+        run.large_loss.epoch = state.epoch
+        log.info("epoch %d: large loss %s rate %.3f", state.epoch + 1, run.large_loss.mode, run.large_loss.rate)
     losses: list[torch.Tensor] = []
     step_report: dict[str, Any] = {}
     images_seen = 0
@@ -597,9 +628,13 @@ def _export_best(
     best = copy.deepcopy(run.classifier).cpu()
     best.load_state_dict(load_file(run.run_dir / BEST_WEIGHTS), strict=False)
     best.to(run.preparer.device)
-    val_probs, _ = compute_scores(
-        best, run.val_set, run.preparer, batch_size=params.evaluate.batch_size, autocast=run.stepper.autocast
-    )
+    wise_ft: dict[str, Any] = {}
+    if run.start_state is not None:
+        val_probs, wise_ft = _apply_wise_ft(run, best)
+    else:
+        val_probs, _ = compute_scores(
+            best, run.val_set, run.preparer, batch_size=params.evaluate.batch_size, autocast=run.stepper.autocast
+        )
     thresholds = tune_thresholds(val_probs, labels.val_targets, known=labels.val_known)
     calibration = fit_calibration(val_probs, labels.val_targets, known=labels.val_known)
     save_model_dir(
@@ -627,9 +662,36 @@ def _export_best(
             "world_size": run.dist_info.world_size,
             "train": params.train.model_dump(mode="json"),
             "history": state.history,
+            **({"wise_ft": wise_ft} if wise_ft else {}),
             **extra_metadata,
         },
         seen_images={*labels.frames["train"]["sha256"], *labels.frames["val"]["sha256"], *seen_before},
     )
     result = {"model_dir": str(model_dir), "gap_k": params.evaluate.k, **asdict(state)}
+    if wise_ft:
+        result["wise_ft"] = wise_ft
     atomic_write_json(run.run_dir / "result.json", result)
+
+
+def _apply_wise_ft(run: Run, best: nn.Module) -> tuple[np.ndarray, dict[str, Any]]:
+    """Load the weight-space ensemble of the starting and the best weights into `best`: at `wise_ft.alpha`, or at
+    the alpha of `wise_ft.alpha_grid` with the highest validation GAP@k (the larger alpha on a tie). Returns its
+    validation scores and the record for the model's metadata."""
+    cfg, evaluate = run.params.train.wise_ft, run.params.evaluate
+    tuned = {k: v.detach().clone() for k, v in best.state_dict().items()}
+    grid = [cfg.alpha] if cfg.alpha is not None else sorted(set(cfg.alpha_grid))
+    val_gap: dict[float, float] = {}
+    chosen: tuple[float, np.ndarray] | None = None
+    for alpha in grid:
+        best.load_state_dict(weight_space_ensemble(best, run.start_state, tuned, alpha))
+        probs, _ = compute_scores(
+            best, run.val_set, run.preparer, batch_size=evaluate.batch_size, autocast=run.stepper.autocast
+        )
+        val_gap[alpha] = float(gap_at_k(probs, run.labels.val_targets, k=evaluate.k, known=run.labels.val_known))
+        if chosen is None or val_gap[alpha] >= val_gap[chosen[0]]:
+            chosen = (alpha, probs)
+    alpha, probs = chosen
+    best.load_state_dict(weight_space_ensemble(best, run.start_state, tuned, alpha))
+    log.info("WiSE-FT: alpha %g (val GAP@%d by alpha: %s)", alpha, evaluate.k, val_gap)
+    record = {"alpha": alpha, "val_gap_at_k": {f"{a:g}": g for a, g in val_gap.items()}}
+    return probs, record

@@ -36,6 +36,11 @@ def test_repository_params_file_is_valid_and_complete():
         ({"model": {"head": "linear"}, "train": {"loss": "tempered_sigmoid_bce"}}, "needs model.head 'mumic'"),
         ({"train": {"loss": "bce"}}, "not 'bce'"),
         ({"train": {"label_noise": {"missing": 1.0}}}, "train.label_noise.missing"),
+        ({"train": {"large_loss": {"mode": "drop"}}}, "train.large_loss.mode"),
+        ({"train": {"large_loss": {"max_rate": 1.0}}}, "train.large_loss.max_rate"),
+        ({"train": {"wise_ft": {"alpha": 1.5}}}, "train.wise_ft.alpha"),
+        ({"train": {"wise_ft": {"alpha_grid": [0.5, 2.0]}}}, "train.wise_ft.alpha_grid"),
+        ({"train": {"wise_ft": {"alpha": 0.5, "alpha_grid": [0.5]}}}, "set alpha or alpha_grid, not both"),
     ],
 )
 def test_bad_values_name_the_key(data, message):
@@ -82,3 +87,10 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(listy)
+
+
+def test_robust_training_options_are_off_by_default_and_read_from_params_yaml():
+    params = load_params(REPO / "params.yaml")
+    assert params.train.large_loss.mode is None and not params.train.wise_ft.enabled
+    on = Params().updated({"train.large_loss.mode": "reject", "train.wise_ft.alpha_grid": [0.5, 1.0]})
+    assert on.train.large_loss.mode.value == "reject" and on.train.wise_ft.enabled

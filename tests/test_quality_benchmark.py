@@ -94,6 +94,15 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     assert {r["overrides"]["train.partial_labels"] for r in hidden} == {True, False}
     assert all(r["hidden"] == budget.hidden for r in hidden)
     assert (out / "quality_gap_at_10.png").stat().st_size > 0
+    by_name = {r["variant"]: r for r in results["runs"] if not r["hidden"]}
+    assert by_name[quality.PAPER]["overrides"]["train.loss"] == "tempered_sigmoid_bce"
+    for name in (quality.LL_REJECT, quality.LL_CORRECT):
+        assert len(by_name[name]["val_gap_at_k"]) == budget.train_epochs >= 2  # the loss is modified from epoch 2
+    wise_ft = by_name[quality.WISE_FT]
+    assert wise_ft["resumed_from"] is not None  # MuMIC's finished run, exported again
+    assert wise_ft["wise_ft"]["alpha"] in wise_ft["overrides"]["train.wise_ft.alpha_grid"]
+    assert by_name[quality.MUMIC]["wise_ft"] is None
+    assert not any((work / "runs").iterdir())  # the shared run is removed once re-exported
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -101,3 +110,9 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     monkeypatch.setattr(quality, "run_variant", no_training)
     assert quality.main(["--quick", "--workdir", str(work), "--out", str(out)]) == 0
     assert json.loads((out / "quality.json").read_text())["runs"] == results["runs"]
+
+    combined = tmp_path / "combined"
+    assert quality.main(["--combine", str(out), str(out), "--out", str(combined)]) == 0
+    summary = (combined / "worlds_table.md").read_text()
+    assert summary.count("| seed 0, 300 images | 40% |") == 2 * 2 + 2 * (len(trained) - 2)  # 2 tables; leads
+    assert "**Lead over linear + ASL**" in summary
