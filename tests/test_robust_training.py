@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train import _train as train_in
 
 from mumic_ml.backbone import create_backbone
 from mumic_ml.config import Loss, Params
@@ -15,7 +16,6 @@ from mumic_ml.losses import LargeLossModification, large_loss_rate, large_loss_s
 from mumic_ml.model import encode_text
 from mumic_ml.model_io import build_classifier, load_model_dir, weight_space_ensemble
 from mumic_ml.task import create_loss
-from mumic_ml.train import train
 
 # Negatives by logit: (0,3) 3.0 > (0,2) 0.5 > (1,2) 0.0 > (1,3) -0.5 > (0,1) -1.0 > (1,0) -2.0; the positive (0,0)
 # has a higher logit than most of them and must never be picked.
@@ -139,17 +139,7 @@ def _train(world, root, foundation, model="model", resume=False, **overrides):
             **overrides,
         }
     )
-    return train(
-        params,
-        splits_dir=world.splits,
-        images_root=world.ingested,
-        taxonomy_path=world.taxonomy,
-        run_dir=root / "run",
-        model_dir=root / model,
-        cache_dir=world.cache,
-        progress=False,
-        resume=resume,
-    )
+    return train_in(world, root, params, model=model, resume=resume)
 
 
 def test_wise_ft_alpha_one_is_the_fine_tuned_model_and_zero_the_foundation(tiny_world, tmp_path, foundation):

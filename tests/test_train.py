@@ -29,14 +29,14 @@ def _params(**overrides):
     return Params().updated({**FAST, **overrides})
 
 
-def _train(world, tmp_path, params, **kwargs):
+def _train(world, tmp_path, params, model="model", **kwargs):
     return train(
         params,
         splits_dir=world.splits,
         images_root=world.ingested,
         taxonomy_path=world.taxonomy,
         run_dir=tmp_path / "run",
-        model_dir=tmp_path / "model",
+        model_dir=tmp_path / model,
         cache_dir=world.cache,
         progress=False,
         **kwargs,
