@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="quality.py's quick budget: a 300-image world (CI)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mumic_ml.pretrain").setLevel(logging.INFO)  # the foundation's epochs: the slow part, once
 
     started = time.perf_counter()
     project = quality.build_project(args.workdir, quality.QUICK if args.quick else quality.FULL)
@@ -174,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     tower = tower_from_backbone(project.params.model.backbone, weights, CPU)
-    features, _ = embed_images(tower, frame, project.ingested, project.cache, project.audit_cache, 256)
+    features, embedded_now = embed_images(tower, frame, project.ingested, project.cache, project.audit_cache, 256)
     embed_seconds = time.perf_counter() - t
+    print(f"foundation embeddings in {embed_seconds:.0f} s ({embedded_now} computed, the rest cached)")
     cfg = project.params.audit
     for noise in args.noise:
         noisy = corrupt_labels(clean, missing_rate=noise, spurious_rate=0.0, seed=0)
