@@ -198,20 +198,11 @@ def test_large_loss_changes_training_from_the_second_epoch_and_only_its_runs_sig
     )
     assert again.resumed_from is not None and again.history == plain.history
 
-    for mode in ("reject", "correct"):
-        ll = _train(tiny_world, tmp_path / mode, foundation, **two, **{"train.large_loss.mode": mode})
+    # On, it belongs to the signature: in the plain run's folder it starts afresh instead of resuming.
+    for mode, folder in (("reject", "plain"), ("correct", "correct")):
+        resume = folder == "plain"
+        ll = _train(tiny_world, tmp_path / folder, foundation, **two, **{"train.large_loss.mode": mode}, resume=resume)
+        assert ll.resumed_from is None
         assert ll.history[0]["train_loss"] == plain.history[0]["train_loss"]  # rate 0 in the first epoch
         assert ll.history[1]["train_loss"] != plain.history[1]["train_loss"]
         assert np.isfinite(ll.history[1]["train_loss"])
-    # On, it belongs to the signature: the plain run's checkpoint is not resumed with it.
-    switched = _train(
-        tiny_world,
-        tmp_path / "plain",
-        foundation,
-        **two,
-        **{
-            "train.large_loss.mode": "reject",
-        },
-        resume=True,
-    )
-    assert switched.resumed_from is None
