@@ -450,6 +450,16 @@ def _resolve_model(model: str, project: Project) -> Path:
     return path
 
 
+def _add_extra_class(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--extra-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score this class name zero-shot (repeatable)",
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from mumic_ml.predict import Predictor
 
@@ -677,13 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, help="labels per image (default: predict.top_k)")
     p.add_argument("--threshold", type=float, help="only labels with probability >= this")
-    p.add_argument(
-        "--extra-class",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="also score this class name zero-shot (repeatable)",
-    )
+    _add_extra_class(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 
@@ -703,13 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder (searched recursively) or manifest (CSV, JSONL, Parquet)")
     p.add_argument("--out", required=True, help="Parquet file to write; <out>.parts/ holds the chunks until done")
     p.add_argument("--embeddings", action="store_true", help="also write each image's L2-normalised embedding")
-    p.add_argument(
-        "--extra-class",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="also score this class name zero-shot (repeatable)",
-    )
+    _add_extra_class(p)
     p.add_argument("--top-k", type=int, help="ranked labels per image (default: tag.top_k)")
     p.add_argument("--threshold", type=float, help="tag every class at this probability (default: tuned per class)")
     p.add_argument("--workers", type=int, help="decoding processes (default: tag.workers)")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from image_fixtures import encode, noise
+from test_model import PROMPTS, _save
 
 from mumic_ml.backbone import create_backbone
 from mumic_ml.calibration import Calibration, fit_calibration
@@ -21,9 +22,8 @@ from mumic_ml.metrics import (
     precision_recall_f1,
     tune_thresholds,
 )
-from mumic_ml.model_io import LoadedModel, build_classifier, load_model_dir, save_model_dir
+from mumic_ml.model_io import LoadedModel, build_classifier, load_model_dir
 from mumic_ml.predict import Predictor
-from mumic_ml.taxonomy import Taxonomy
 
 
 def _sigmoid(x):
@@ -209,31 +209,14 @@ def test_the_evaluation_reports_ece_before_and_after():
     assert "thresholds" not in plain["calibration"]
 
 
-PROMPTS = [["a red circle."], ["a blue square."], ["a striped background."]]
-
-
 def test_model_directories_keep_the_calibration_and_older_ones_load_as_identity(tmp_path):
     torch.manual_seed(0)
     backbone = create_backbone("mumic-tiny", None)
     cfg = ModelConfig()
     classifier = build_classifier(cfg, PROMPTS, backbone).eval()
     calibration = Calibration(3.0, -1.0, {"fitted_on": "val"})
-    taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
     for name, fitted in (("plain", None), ("calibrated", calibration)):
-        save_model_dir(
-            tmp_path / name,
-            classifier=classifier,
-            backbone_name="mumic-tiny",
-            backbone_config=backbone.model_config,
-            model_cfg=cfg,
-            image_norm=backbone.image_norm,
-            taxonomy=taxonomy,
-            class_names=taxonomy.names,
-            class_prompts=PROMPTS,
-            thresholds=np.array([0.5, np.inf, 0.2]),
-            metadata={},
-            calibration=fitted,
-        )
+        _save(tmp_path / name, classifier, cfg, backbone, thresholds=np.array([0.5, np.inf, 0.2]), calibration=fitted)
     plain = json.loads((tmp_path / "plain" / "model.json").read_text())
     assert "calibration" not in plain  # the layout of a directory written before calibration existed
     assert load_model_dir(tmp_path / "plain").calibration.is_identity

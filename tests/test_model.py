@@ -122,7 +122,7 @@ def test_class_residual_starts_at_zero_shot_and_moves_only_its_class(backbone):
     assert model.class_residual.requires_grad and plain.class_residual is None
 
 
-def _save(path, classifier, cfg, backbone, thresholds=None, metadata=None):
+def _save(path, classifier, cfg, backbone, thresholds=None, metadata=None, **extra):
     taxonomy = Taxonomy.from_names(["red circle", "blue square", "striped background"])
     return save_model_dir(
         path,
@@ -136,6 +136,7 @@ def _save(path, classifier, cfg, backbone, thresholds=None, metadata=None):
         class_prompts=PROMPTS,
         thresholds=thresholds,
         metadata=metadata or {},
+        **extra,
     )
 
 
