@@ -82,7 +82,7 @@ def main() -> None:
     import torch
 
     from mumic_ml.config import TagConfig
-    from mumic_ml.tagging import MAX_LANES, list_images, tag_images
+    from mumic_ml.tagging import MAX_LANES, decoding_workers, list_images, tag_images
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: an untrained --backbone model)")
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=500, help="distinct demo photos among them")
     parser.add_argument("--image-size", type=int, default=64, help="side of the demo photos in pixels")
     parser.add_argument("--batch-size", type=int, default=TagConfig().batch_size)
-    parser.add_argument("--workers", type=int, default=TagConfig().workers)
+    parser.add_argument("--workers", type=int, help="decoding processes (default: tag.workers' default on a CPU)")
     parser.add_argument("--threads", type=int, help="torch threads of this process, both sides (default: torch's)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -107,6 +107,7 @@ def main() -> None:
         )
         one_bare_pass, n_images = bare_forward(model_dir, photos, args.batch_size)
         config = TagConfig(batch_size=args.batch_size, workers=args.workers)
+        workers = decoding_workers(config.workers, torch.device("cpu"))
 
         (root / "no-photos").mkdir()
 
@@ -137,7 +138,7 @@ def main() -> None:
         "images": n_images,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
-        "workers": args.workers,
+        "workers": workers,
         "tag_images_per_s": per_s["tag"],
         "bare_images_per_s": per_s["bare"],
         "ratio": per_s["tag"] / per_s["bare"],
@@ -148,7 +149,7 @@ def main() -> None:
     }
     print(
         f"{figures['model']}, {n_images} photos of {args.image_size} px on disk, batch {args.batch_size}, "
-        f"{args.workers} decoding worker(s), {figures['device']}, {figures['tag_lanes']} tag lane(s)"
+        f"{workers} decoding worker(s), {figures['device']}, {figures['tag_lanes']} tag lane(s)"
     )
     print(f"{'mumic tag (end to end)':28}{per_s['tag']:10.1f} images/s")
     print(f"{'bare forward (decoded)':28}{per_s['bare']:10.1f} images/s")

@@ -307,7 +307,12 @@ class TagConfig(_Section):
         None, ge=0, le=1, description="One probability cut for every class; null: the model's tuned thresholds."
     )
     batch_size: int = Field(64, ge=1)
-    workers: int = Field(1, ge=0, description="Decoding processes beside the model; 0 decodes in its process.")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="Decoding processes beside the model; 0 decodes in its process; null: none on a CPU, where the "
+        "lanes decode beside each other's forward passes, and one per spare core (at most 4) on a GPU.",
+    )
     chunk_size: int = Field(2048, ge=1, description="Images per committed part: the most a killed run redoes.")
 
 

@@ -1,7 +1,7 @@
 """Tagging an unlabelled photo collection with a trained model (`mumic tag`, the asset `catalogue_tags`).
 
 A collection may hold millions of photos and a run may be killed at any moment, so nothing is held whole: images
-are listed lazily, decoded in worker processes while the model scores the batch before, and results are committed
+are listed lazily, decoded while the model scores other batches, and results are committed
 in part files under `<out>.parts/`, each written under a temporary name and renamed. A restarted run skips every
 image a committed part holds, so none is tagged twice or lost; a record beside the parts (the model's content
 hash, its classes, the collection and the settings that shape a row) makes a run that differs refuse the folder
@@ -11,9 +11,10 @@ Decoding and preprocessing are `mumic predict`'s (the defensive decoder, shorter
 `ImagePreparer`, the model's calibration), so a photo scores the same in both; an image that cannot be read
 becomes a row with an error.
 
-Speed (docs/benchmarks.md, "Tagging"): on a CPU, batches are scored in lanes, one thread each (`_Lanes`), and a
-batch crosses from a decoding process as uint8 and is normalised whole in the lane; rows are built a column at a
-time. On a GPU one lane drives the device and decoding stays on the CPU, in `tag.workers` processes; the uint8 batch
+Speed (docs/benchmarks.md, "Tagging"): on a CPU, batches are scored in lanes, one thread each (`_Lanes`), which by
+default decode their own batches beside the other lanes' forward passes; a batch from a decoding process crosses as
+uint8 and is normalised whole in the lane; rows are built a column at a time. On a GPU one lane drives the device
+and decoding stays on the CPU, in `tag.workers` processes (by default one per spare core); the uint8 batch
 is moved to the device and normalised there. torchvision could also decode JPEG files on the device
 (`torchvision.io.decode_jpeg(list_of_file_bytes, device="cuda")`, then resize and crop as tensors), for when CPU
 decoding cannot keep a GPU busy. That path is not taken: nvJPEG's and torch's bicubic pixels differ from Pillow's
@@ -344,7 +345,7 @@ def tag_images(
     """
     started = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
-    with BatchDecoder(config.workers) as decoder:
+    with BatchDecoder(decoding_workers(config.workers, torch.device(device))) as decoder:
         predictor = Predictor.from_dir(model_dir, device=str(device), batch_size=config.batch_size)
         scorer = _Scorer(
             predictor, extra_classes, top_k=config.top_k, threshold=config.threshold, embeddings=embeddings
@@ -376,6 +377,20 @@ def tag_images(
     parts.combine(out)
     seconds = time.perf_counter() - started
     return _summary(out, resumed=len(done), seconds=seconds, processed=processed)
+
+
+def decoding_workers(configured: int | None, device: torch.device) -> int:
+    """The decoding processes of a run: as configured, else none on a CPU and one per spare core on a GPU.
+
+    On a CPU the lanes decode their own batches, each beside the other lanes' forward passes, which measured
+    faster than a decoding process competing with the lanes for the same cores (docs/benchmarks.md, Tagging). A
+    GPU has one lane, which must not wait for decoding between batches.
+    """
+    if configured is not None:
+        return configured
+    if device.type == "cpu":
+        return 0
+    return max(1, min(MAX_LANES, (os.cpu_count() or 2) - 1))
 
 
 class _Lanes:

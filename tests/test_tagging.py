@@ -25,7 +25,7 @@ from mumic_ml.demo_world import generate_demo_world
 from mumic_ml.image_batches import ImageEntry
 from mumic_ml.model_io import build_classifier, save_model_dir
 from mumic_ml.predict import Predictor
-from mumic_ml.tagging import TaggingError, list_images, tag_images
+from mumic_ml.tagging import MAX_LANES, TaggingError, decoding_workers, list_images, tag_images
 from mumic_ml.taxonomy import class_prompts, load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +266,17 @@ def test_lanes_score_as_one_thread_does_and_torch_gets_its_threads_back(world, t
     finally:
         torch.set_num_threads(threads)
     assert lanes.equals(one)
+
+
+def test_decoding_processes_default_to_none_on_a_cpu_and_the_spare_cores_on_a_gpu(monkeypatch):
+    """On a CPU the lanes decode (faster than a process competing for their cores); a GPU's one lane must not."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert decoding_workers(None, cpu) == 0
+    assert decoding_workers(3, cpu) == 3 and decoding_workers(0, gpu) == 0
+    for cores, expected in [(1, 1), (2, 1), (3, 2), (16, MAX_LANES)]:
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert decoding_workers(None, gpu) == expected
+    assert TagConfig().workers is None and Params().tag.workers is None
 
 
 def test_a_batch_of_unreadable_images_is_error_rows_only(world, tmp_path):
