@@ -63,7 +63,6 @@ REASONS = {
 }
 
 
-
 class DatasetImportError(ValueError):
     """The import cannot run at all: an unreadable annotation file (named, with the position where known), or an
     output folder the import must not replace."""
