@@ -96,8 +96,11 @@ class ServerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, first_signal: int = signal.SIGTERM, grace: float = 30.0) -> None:
-        """`first_signal` to the group, SIGKILL to whatever outlives `grace`."""
+    def stop(self, first_signal: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        """`first_signal` to the group, SIGKILL to whatever outlives `grace`.
+
+        Every server here stops within about a second when idle; at the end of the service tests one did not, and
+        a 30-second grace made that teardown 33 s."""
         if self.proc is None:
             return
         for sig, wait in ((first_signal, grace), (signal.SIGKILL, 10.0)):

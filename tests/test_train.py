@@ -155,8 +155,8 @@ def test_unknown_held_out_class_is_an_error(tiny_world, tmp_path):
 def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_path):
     from conftest import build_tiny_world
 
-    world = build_tiny_world(tmp_path_factory.mktemp("learn_world"), n_images=900)
-    _train(world, tmp_path, Params().updated({"train.epochs": 8, "train.batch_size": 32}))
+    world = build_tiny_world(tmp_path_factory.mktemp("learn_world"), n_images=600)
+    _train(world, tmp_path, Params().updated({"train.epochs": 6, "train.batch_size": 32}))
     report = _evaluate(world, tmp_path)
     frame = read_split(world.splits / "test.parquet")
     targets = label_matrix(frame["labels"], list(report["per_class_ap"]))
