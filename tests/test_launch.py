@@ -139,6 +139,7 @@ def test_a_bad_run_config_creates_no_run(dagster_home, tiny_workspace, tmp_path,
         assert not instance.get_runs()
 
 
+@pytest.mark.slow
 def test_make_demo_workspace_launches_into_the_projects_code_location(
     dagster_home, tmp_path, monkeypatch, no_process_left_behind, capsys
 ):

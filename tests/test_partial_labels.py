@@ -476,6 +476,7 @@ def _train(world, splits, tmp_path, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_partial_labels_without_unknown_labels_trains_bitwise_like_the_default(tiny_world, tmp_path):
     _train(tiny_world, tiny_world.splits, tmp_path / "default")
     _train(tiny_world, tiny_world.splits, tmp_path / "partial", **{"train.partial_labels": True})

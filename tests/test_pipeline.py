@@ -136,6 +136,7 @@ def test_the_code_location_refuses_to_load_without_the_projects_params_yaml(tmp_
     assert f"parameter file not found: {tmp_path / 'params.yaml'}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_mlflow_resource_sends_the_run_to_its_store_and_leaves_the_environment_alone(tiny_world, tmp_path):
     root = tmp_path / "project"
     root.mkdir()

@@ -181,6 +181,7 @@ def _project(world, tmp_path, **overrides) -> Project:
     return Project(params, tmp_path)
 
 
+@pytest.mark.slow
 def test_foundation_step_pretrains_once_then_reuses_until_config_or_data_change(tiny_world, tmp_path, monkeypatch):
     project = _project(tiny_world, tmp_path)
     first = foundation_step(project, progress=False)

@@ -646,6 +646,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_stage_command_whose_disk_write_fails_exits_nonzero_and_keeps_the_last_output(tiny_world, tmp_path):
     """A write that the file system refuses (here: the file-size limit, which even root cannot pass) fails the
     stage with the OS error on stderr, and the previous output stays whole."""

@@ -142,6 +142,7 @@ def _train(world, root, foundation, model="model", resume=False, **overrides):
     return train_in(world, root, params, model=model, resume=resume)
 
 
+@pytest.mark.slow
 def test_wise_ft_alpha_one_is_the_fine_tuned_model_and_zero_the_foundation(tiny_world, tmp_path, foundation):
     """One fine-tuning, exported again by resuming its finished run with each WiSE-FT setting (WiSE-FT acts only at
     export, so it does not change the run's signature)."""
@@ -180,6 +181,7 @@ def test_wise_ft_alpha_one_is_the_fine_tuned_model_and_zero_the_foundation(tiny_
     assert load_model_dir(grid.model_dir).thresholds is not None
 
 
+@pytest.mark.slow
 def test_large_loss_changes_training_from_the_second_epoch_and_only_its_runs_signature(
     tiny_world, tmp_path, foundation
 ):

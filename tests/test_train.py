@@ -169,6 +169,7 @@ def test_training_learns_far_above_random_and_class_prior(tmp_path_factory, tmp_
     assert report["gap_at_10"] > prior_gap + 0.1, (report["gap_at_10"], prior_gap)
 
 
+@pytest.mark.slow
 def test_resume_starts_fresh_from_a_checkpoint_of_another_configuration(tiny_world, tmp_path):
     first = _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
     assert first.resumed_from is None
@@ -178,6 +179,7 @@ def test_resume_starts_fresh_from_a_checkpoint_of_another_configuration(tiny_wor
     assert other.resumed_from is None and other.epochs_run == 1
 
 
+@pytest.mark.slow
 def test_resume_starts_fresh_when_validation_k_changes(tiny_world, tmp_path):
     """The best epoch and early stopping compare GAP@k across epochs, so a run keeps one k from start to end."""
     _train(tiny_world, tmp_path, _params(**{"train.epochs": 1}))
@@ -185,6 +187,7 @@ def test_resume_starts_fresh_when_validation_k_changes(tiny_world, tmp_path):
     assert other_k.resumed_from is None and other_k.gap_k == 5
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_another_progress_record_starts_a_fresh_run_and_says_why(tiny_world, tmp_path, caplog):
     """What a checkpoint written before the validation metric was named by its k looks like: `best_val_gap_at_10`."""
     params = _params(**{"train.epochs": 1})
