@@ -61,6 +61,9 @@ RUN_RECORD = "run.json"
 PART_PATTERN = "part-*.parquet"
 # Batches scored at once on a CPU (`_Lanes`), each one more batch in memory; past it, torch's threads split each.
 MAX_LANES = 4
+# Decoding processes a GPU run starts by default: enough to keep one device lane fed by small files, each a process
+# holding two batches.
+MAX_DECODING_WORKERS = 4
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -390,7 +393,7 @@ def decoding_workers(configured: int | None, device: torch.device) -> int:
         return configured
     if device.type == "cpu":
         return 0
-    return max(1, min(MAX_LANES, (os.cpu_count() or 2) - 1))
+    return max(1, min(MAX_DECODING_WORKERS, (os.cpu_count() or 2) - 1))
 
 
 class _Lanes:

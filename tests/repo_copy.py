@@ -77,7 +77,7 @@ def run_as_written(root: Path, command: list[str], env: dict[str, str] | None = 
 
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the whole group, SIGKILL to whatever is left: make and every server it spawned. The grace is
-    short: an MLflow UI with a browser's connection still open waits for it far longer."""
+    short because it is a test's wait: with 20 s, the browser tests' teardown took 24 s."""
     for sig, grace in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)

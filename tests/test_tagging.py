@@ -25,7 +25,7 @@ from mumic_ml.demo_world import generate_demo_world
 from mumic_ml.image_batches import ImageEntry
 from mumic_ml.model_io import build_classifier, save_model_dir
 from mumic_ml.predict import Predictor
-from mumic_ml.tagging import MAX_LANES, TaggingError, decoding_workers, list_images, tag_images
+from mumic_ml.tagging import MAX_DECODING_WORKERS, TaggingError, decoding_workers, list_images, tag_images
 from mumic_ml.taxonomy import class_prompts, load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_decoding_processes_default_to_none_on_a_cpu_and_the_spare_cores_on_a_gp
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert decoding_workers(None, cpu) == 0
     assert decoding_workers(3, cpu) == 3 and decoding_workers(0, gpu) == 0
-    for cores, expected in [(1, 1), (2, 1), (3, 2), (16, MAX_LANES)]:
+    for cores, expected in [(1, 1), (2, 1), (3, 2), (16, MAX_DECODING_WORKERS)]:
         monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
         assert decoding_workers(None, gpu) == expected
     assert TagConfig().workers is None and Params().tag.workers is None
