@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,9 +43,12 @@ import torch.nn.functional as F
 from mumic_ml.batches import CORRECTION_COLUMN
 from mumic_ml.config import AuditConfig
 from mumic_ml.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from mumic_ml.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from mumic_ml.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text, file_digest
 from mumic_ml.manifest import QUALIFIED_LABEL_COLUMNS
 from mumic_ml.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from mumic_ml.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,15 @@ def cross_fit(
     return scores
 
 
+def out_of_fold_scores(
+    features: np.ndarray, targets: np.ndarray, observed: np.ndarray, shas: Sequence[str], cfg: AuditConfig
+) -> np.ndarray:
+    """The audit's scores: the images dealt into `cfg.folds` folds, each scored by a linear head fitted on the rest."""
+    fold = assign_folds(shas, cfg.folds, cfg.seed)
+    head = linear_head(steps=cfg.head_steps, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    return cross_fit(features, targets, observed, fold, head)
+
+
 # --- ranking -----------------------------------------------------------------------------------------------------
 
 
@@ -174,16 +186,22 @@ class Tower:
 
 
 def embed_images(
-    tower: Tower, frame: pd.DataFrame, images_root: Path, preprocess_cache: Path, cache_dir: Path, batch_size: int
+    tower: Tower,
+    frame: pd.DataFrame,
+    images_root: Path,
+    preprocess_cache: Path,
+    cache_dir: Path | None,
+    batch_size: int,
 ) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of the frame's images, and how many were computed now (the rest came from the
-    cache: `cache_dir/<tower key>/`, the images' hashes in `shas.txt`, one row each in `embeddings.npy`)."""
+    cache: `cache_dir/<tower key>/`, the images' hashes in `shas.txt`, one row each in `embeddings.npy`; None: no
+    cache)."""
     from mumic_ml.data import CachedImageDataset, ImagePreparer
     from mumic_ml.images import PreprocessCache
 
-    folder = Path(cache_dir) / tower.key
+    folder = None if cache_dir is None else Path(cache_dir) / tower.key
     known: dict[str, np.ndarray] = {}
-    if (folder / "shas.txt").is_file() and (folder / "embeddings.npy").is_file():
+    if folder is not None and (folder / "shas.txt").is_file() and (folder / "embeddings.npy").is_file():
         cached = np.load(folder / "embeddings.npy", allow_pickle=False)
         shas = (folder / "shas.txt").read_text(encoding="ascii").split()
         if len(shas) == len(cached):
@@ -206,6 +224,7 @@ def embed_images(
                 batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
                 rows.append(F.normalize(tower.encode(preparer(batch)).float(), dim=-1).cpu().numpy())
         known.update(zip(todo["sha256"], np.concatenate(rows)))
+    if len(todo) and folder is not None:
         keep = sorted(known)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "embeddings.npy") as tmp, open(tmp, "wb") as fh:
@@ -262,11 +281,9 @@ def run_audit(
 ) -> AuditResult:
     """Cross-fit, rank, and write `suspects.csv`, `report.html` and `audit.json` into `out_dir`."""
     started = time.monotonic()
-    fold = assign_folds(list(frame["sha256"]), cfg.folds, cfg.seed)
     features, embedded_now = embed_images(tower, frame, images_root, preprocess_cache, embedding_cache, cfg.batch_size)
     targets, observed, rankable = label_state(frame, class_names)
-    head = linear_head(steps=cfg.head_steps, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    scores = cross_fit(features, targets, observed, fold, head)
+    scores = out_of_fold_scores(features, targets, observed, list(frame["sha256"]), cfg)
     suspects = rank_suspects(scores, targets, rankable, limit=cfg.suspects)
     rows = {kind: [_csv_row(frame, class_names, s) for s in suspects[kind]] for kind in KINDS}
     counts = candidates(targets, rankable)
@@ -549,11 +566,14 @@ def apply_review(
 def tower_from_backbone(backbone_name: str, weights: str | None, device: torch.device) -> Tower:
     """The image tower of open_clip weights (the foundation); None would embed with random weights, so it is refused."""
     from mumic_ml.backbone import create_backbone
-    from mumic_ml.io import file_digest
 
     if weights is None:
         raise AuditError("audit.backbone 'foundation' needs model.pretrained: random weights embed nothing")
-    backbone = create_backbone(backbone_name, weights, device=device)
+    return foundation_tower(create_backbone(backbone_name, weights, device=device), backbone_name, weights, device)
+
+
+def foundation_tower(backbone: Backbone, backbone_name: str, weights: str, device: torch.device) -> Tower:
+    """The image tower of a backbone loaded from `weights`, keyed by the weights' content (or their open_clip tag)."""
     identity = file_digest(weights) if Path(weights).is_file() else weights
     key = "foundation-" + hashlib.sha256(f"{backbone_name}\n{identity}".encode()).hexdigest()[:16]
     return Tower(backbone.clip.eval().encode_image, backbone.image_norm, device, key)
@@ -561,7 +581,6 @@ def tower_from_backbone(backbone_name: str, weights: str | None, device: torch.d
 
 def tower_from_model_dir(model_dir: Path, device: torch.device) -> Tower:
     """The image tower of a fine-tuned model directory."""
-    from mumic_ml.io import file_digest
     from mumic_ml.model_io import load_model_dir
 
     loaded = load_model_dir(model_dir, device=device)

@@ -176,6 +176,22 @@ class WiseFtConfig(_Section):
         return self.alpha is not None or bool(self.alpha_grid)
 
 
+class PseudoLabelMode(enum.StrEnum):
+    """What happens to a labelled negative that the audit's out-of-fold head scores as present."""
+
+    POSITIVE = "positive"  # counted as a positive
+    UNKNOWN = "unknown"  # left out of the loss, like an unknown label
+
+
+class PseudoLabelConfig(_Section):
+    """Audit pseudo-labels: before fine-tuning, every training image is scored out of fold as the label audit scores
+    it (`audit.folds`, `audit.head_steps`, ...), on the image tower of the weights fine-tuning starts from, and the
+    labelled negatives scored at least `min_score` become positives or unknown entries for the whole run."""
+
+    mode: PseudoLabelMode | None = Field(None, description="positive | unknown; null: off.")
+    min_score: float = Field(0.5, gt=0, lt=1, description="Out-of-fold probability from which a negative is flipped.")
+
+
 class TrainConfig(_Section):
     loss: Loss = Loss.ASL
     asl: AsymmetricLossConfig = AsymmetricLossConfig()
@@ -211,6 +227,7 @@ class TrainConfig(_Section):
         description="Leave a manifest's unknown_labels out of the loss (masked); false counts them as negatives.",
     )
     large_loss: LargeLossConfig = LargeLossConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
     wise_ft: WiseFtConfig = WiseFtConfig()
 
     @field_validator("device")

@@ -373,6 +373,9 @@ def train_step(
         for entry in result.history:  # epochs run before a crash, when this run resumed
             if entry["epoch"] not in logged:
                 log_history_entry(entry)
+        if result.pseudo_labels:
+            counts = {f"pseudo_label_{key}": result.pseudo_labels[key] for key in ("entries", "images")}
+            log_epoch(run_id, 0, counts, tracking_uri=uri)
         if result.history:
             curves = training_curves(result.history, result.gap_k, result.best_epoch)
             log_png(run_id, curves, "figures/training_curves.png", tracking_uri=uri)

@@ -31,7 +31,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mumic_ml.audit import embed_images, foundation_tower, label_state, out_of_fold_scores
 from mumic_ml.backbone import Backbone, create_backbone
 from mumic_ml.calibration import fit_calibration
 from mumic_ml.checkpoint import (
@@ -54,7 +55,7 @@ from mumic_ml.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from mumic_ml.config import Params, TrainConfig
+from mumic_ml.config import Params, PseudoLabelMode, TrainConfig
 from mumic_ml.data import (
     CachedImageDataset,
     ImagePreparer,
@@ -67,7 +68,7 @@ from mumic_ml.data import (
 from mumic_ml.evaluate import compute_scores
 from mumic_ml.images import PreprocessCache
 from mumic_ml.io import atomic_path, atomic_write_json, file_digest
-from mumic_ml.label_noise import corrupt_labels
+from mumic_ml.label_noise import corrupt_labels, pseudo_label
 from mumic_ml.losses import LargeLossModification
 from mumic_ml.metrics import gap_at_k, mean_average_precision, tune_thresholds
 from mumic_ml.model_io import build_classifier, save_model_dir, weight_space_ensemble
@@ -132,6 +133,7 @@ class TrainResult:
     resumed_from: str | None
     history: list[dict[str, Any]]
     data_fingerprint: str
+    pseudo_labels: dict[str, Any] | None = None  # train.pseudo_labels: how many negatives the audit's scores changed
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class LabelledSplits:
     fingerprint: str
     train_targets: np.ndarray  # with the simulated label noise, if any
     val_targets: np.ndarray
-    train_known: np.ndarray  # bool, False where the split lists the class in unknown_labels
+    train_known: np.ndarray  # bool, False where the split lists the class in unknown_labels (or pseudo-labels hid it)
     val_known: np.ndarray
 
 
@@ -177,6 +179,8 @@ class Run:
     large_loss: LargeLossModification | None
     # train.wise_ft: the weights fine-tuning started from, for the weight-space ensemble at export; None when off.
     start_state: dict[str, torch.Tensor] | None
+    # train.pseudo_labels: what the audit's scores changed, for the model's metadata; None when off.
+    pseudo_labels: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ def train(
         resumed_from=run.resumed_from,
         history=state.history,
         data_fingerprint=run.labels.fingerprint,
+        pseudo_labels=run.pseudo_labels,
     )
 
 
@@ -256,6 +261,9 @@ def _setup(
     labels = _read_labels(cfg, splits_dir, taxonomy_path)
     backbone = create_backbone(params.model.backbone, params.model.pretrained, device="cpu")
     log.info("backbone %s from %s", params.model.backbone, params.model.pretrained or "random initialisation")
+    pseudo_labels = None
+    if cfg.pseudo_labels.mode is not None:
+        labels, pseudo_labels = _apply_pseudo_labels(params, labels, backbone, images_root, cache_dir, device)
     classifier = build_classifier(params.model, labels.class_prompts, backbone)
     cache = PreprocessCache(cache_dir)
     size = backbone.image_norm.size
@@ -319,9 +327,10 @@ def _setup(
         precision_used=precision_used,
         steps_per_epoch=steps_per_epoch,
         schedule=LrSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction, cfg.min_lr_fraction),
-        mask_unknown=cfg.partial_labels and not labels.train_known.all(),
+        mask_unknown=_masks_unknown(cfg) and not labels.train_known.all(),
         large_loss=large_loss,
         start_state=start_state,
+        pseudo_labels=pseudo_labels,
     )
     return run, state
 
@@ -351,6 +360,67 @@ def _read_labels(cfg: TrainConfig, splits_dir: Path, taxonomy_path: Path) -> Lab
     )
 
 
+def _masks_unknown(cfg: TrainConfig) -> bool:
+    """Whether the loss leaves out the train split's unknown entries: the manifest's (train.partial_labels) and the
+    negatives that audit pseudo-labels made unknown."""
+    return cfg.partial_labels or cfg.pseudo_labels.mode == PseudoLabelMode.UNKNOWN
+
+
+def _apply_pseudo_labels(
+    params: Params,
+    labels: LabelledSplits,
+    backbone: Backbone,
+    images_root: Path,
+    cache_dir: Path,
+    device: torch.device,
+) -> tuple[LabelledSplits, dict[str, Any]]:
+    """train.pseudo_labels: the labelled negatives of the train split that the audit's out-of-fold head, on the
+    starting weights' image tower, scores at least `min_score` become positives or unknown entries.
+
+    The starting weights never saw these labels and every image is scored by a head fitted on the other folds, so a
+    flagged negative is one that the rest of the data calls present: at 40% missing positives on the demo world the
+    top of that ranking is nearly all removed positives (docs/results.md, "Label audit"). Verified negatives
+    (`negative_labels`) and unknown entries are never flagged.
+    """
+    cfg = params.train.pseudo_labels
+    if params.model.pretrained is None:
+        raise ValueError(
+            "train.pseudo_labels needs model.pretrained: the audit scores with the image tower fine-tuning starts "
+            "from, and random weights embed nothing"
+        )
+    started = time.monotonic()
+    frame = labels.frames["train"]
+    tower = foundation_tower(backbone, params.model.backbone, params.model.pretrained, device)
+    backbone.clip.to(device)
+    features, _ = embed_images(tower, frame, images_root, cache_dir, None, params.audit.batch_size)
+    backbone.clip.cpu()
+    _, _, rankable = label_state(frame, labels.class_names)
+    known = labels.train_known if params.train.partial_labels else np.ones_like(labels.train_known)
+    scores = out_of_fold_scores(features, labels.train_targets, known, list(frame["sha256"]), params.audit)
+    negatives = int(((labels.train_targets == 0) & known).sum())
+    targets, known, flagged = pseudo_label(labels.train_targets, known, rankable, scores, cfg.mode, cfg.min_score)
+    if cfg.mode == PseudoLabelMode.UNKNOWN:  # the mask the loss applies: without partial_labels, only the flagged
+        labels = replace(labels, train_known=known)
+    labels = replace(labels, train_targets=targets)
+    record = {
+        "mode": cfg.mode.value,
+        "min_score": cfg.min_score,
+        "entries": int(flagged.sum()),
+        "images": int(flagged.any(axis=1).sum()),
+        "negatives": negatives,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    log.info(
+        "pseudo-labels: %d of %d labelled negatives (%d images) scored >= %g out of fold: %s",
+        record["entries"],
+        record["negatives"],
+        record["images"],
+        cfg.min_score,
+        record["mode"],
+    )
+    return labels, record
+
+
 def _run_signature(params: Params, labels: LabelledSplits) -> str:
     """What a checkpoint must match to be resumed: model, starting weights, train config, validation k and data.
 
@@ -365,15 +435,19 @@ def _run_signature(params: Params, labels: LabelledSplits) -> str:
         "data": labels.fingerprint,
         "unknown": [_mask_digest(labels.train_known), _mask_digest(labels.val_known)],
     }
+    if params.train.pseudo_labels.mode is not None:  # the flipped entries depend on the audit settings and scores
+        recipe["pseudo_targets"] = hashlib.sha256(np.packbits(labels.train_targets > 0).tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _train_recipe(cfg: TrainConfig) -> dict[str, Any]:
     """The train config as the signature sees it. WiSE-FT acts only at export, so a run may resume with another
     alpha; Large Loss only while on, so runs without it keep the signature they had before it existed."""
-    recipe = cfg.model_dump(mode="json", exclude={"wise_ft", "large_loss"})
+    recipe = cfg.model_dump(mode="json", exclude={"wise_ft", "large_loss", "pseudo_labels"})
     if cfg.large_loss.mode is not None:
         recipe["large_loss"] = cfg.large_loss.model_dump(mode="json")
+    if cfg.pseudo_labels.mode is not None:
+        recipe["pseudo_labels"] = cfg.pseudo_labels.model_dump(mode="json")
     return recipe
 
 
@@ -663,6 +737,7 @@ def _export_best(
             "train": params.train.model_dump(mode="json"),
             "history": state.history,
             **({"wise_ft": wise_ft} if wise_ft else {}),
+            **({"pseudo_labels": run.pseudo_labels} if run.pseudo_labels else {}),
             **extra_metadata,
         },
         seen_images={*labels.frames["train"]["sha256"], *labels.frames["val"]["sha256"], *seen_before},

@@ -1,4 +1,5 @@
-"""Training against missing labels: the Large Loss modification by hand on a tiny batch, WiSE-FT end to end."""
+"""Training against missing labels: the Large Loss modification by hand on a tiny batch, WiSE-FT and audit
+pseudo-labels end to end."""
 
 import math
 from types import SimpleNamespace
@@ -10,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from test_train import _train as train_in
 
 from mumic_ml.backbone import create_backbone
-from mumic_ml.config import Loss, Params
+from mumic_ml.config import Loss, Params, PseudoLabelMode
 from mumic_ml.io import read_json
+from mumic_ml.label_noise import pseudo_label
 from mumic_ml.losses import LargeLossModification, large_loss_rate, large_loss_selection
 from mumic_ml.model import encode_text
 from mumic_ml.model_io import build_classifier, load_model_dir, weight_space_ensemble
@@ -208,3 +210,59 @@ def test_large_loss_changes_training_from_the_second_epoch_and_only_its_runs_sig
         assert ll.history[0]["train_loss"] == plain.history[0]["train_loss"]  # rate 0 in the first epoch
         assert ll.history[1]["train_loss"] != plain.history[1]["train_loss"]
         assert np.isfinite(ll.history[1]["train_loss"])
+
+
+# --- audit pseudo-labels ----------------------------------------------------------------------------------------
+
+
+def test_pseudo_labels_flip_only_known_rankable_negatives_at_or_above_the_score():
+    targets = np.array([[1, 0, 0, 0], [0, 0, 1, 0]], dtype=np.float32)
+    known = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=bool)  # (0, 3) unknown
+    rankable = np.array([[1, 1, 1, 1], [0, 1, 1, 1]], dtype=bool)  # (1, 0) a verified negative
+    scores = np.array([[0.9, 0.6, 0.59, 0.99], [0.95, 0.2, 0.1, 0.6]], dtype=np.float32)
+    # Flipped: (0, 1) at 0.6 and (1, 3) at 0.6 (inclusive); not the positive (0, 0), (0, 2) below, the unknown
+    # (0, 3), the verified negative (1, 0).
+    want = {(0, 1), (1, 3)}
+
+    new_targets, new_known, flagged = pseudo_label(targets, known, rankable, scores, PseudoLabelMode.POSITIVE, 0.6)
+    assert {tuple(i) for i in np.argwhere(flagged)} == want
+    assert new_targets.dtype == targets.dtype
+    assert np.array_equal(new_targets, np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=np.float32))
+    assert np.array_equal(new_known, known)
+
+    new_targets, new_known, flagged = pseudo_label(targets, known, rankable, scores, PseudoLabelMode.UNKNOWN, 0.6)
+    assert {tuple(i) for i in np.argwhere(flagged)} == want
+    assert np.array_equal(new_targets, targets)
+    assert {tuple(i) for i in np.argwhere(~new_known)} == want | {(0, 3)}
+
+
+def test_pseudo_labels_need_starting_weights(tiny_world, tmp_path):
+    params = Params().updated({"model.pretrained": None, "train.pseudo_labels.mode": "positive"})
+    with pytest.raises(ValueError, match="train.pseudo_labels needs model.pretrained"):
+        train_in(tiny_world, tmp_path, params)
+
+
+@pytest.mark.slow
+def test_pseudo_labels_train_on_the_flipped_labels_and_record_them(tiny_world, tmp_path, foundation):
+    plain = _train(tiny_world, tmp_path / "plain", foundation)
+    # A score no probability reaches flips nothing: the same training as without pseudo-labels.
+    none = _train(
+        tiny_world,
+        tmp_path / "none",
+        foundation,
+        **{"train.pseudo_labels.mode": "positive", "train.pseudo_labels.min_score": 0.999999},
+    )
+    assert none.history[0]["train_loss"] == plain.history[0]["train_loss"]
+    record = read_json(none.model_dir / "model.json")["metadata"]["pseudo_labels"]
+    assert record["entries"] == 0 and record["negatives"] > 0
+
+    for mode in ("positive", "unknown"):
+        low = {"train.pseudo_labels.mode": mode, "train.pseudo_labels.min_score": 0.05}
+        run = _train(tiny_world, tmp_path / mode, foundation, **low)
+        record = read_json(run.model_dir / "model.json")["metadata"]["pseudo_labels"]
+        assert record["mode"] == mode and 0 < record["entries"] <= record["negatives"]
+        assert run.pseudo_labels == record  # what the MLflow run and the trained_model asset show
+        assert run.history[0]["train_loss"] != plain.history[0]["train_loss"]
+        assert np.isfinite(run.history[0]["train_loss"])
+        # On, the settings belong to the run's signature: the plain run's folder is not resumed.
+        assert _train(tiny_world, tmp_path / "plain", foundation, **low, resume=True).resumed_from is None
