@@ -133,7 +133,7 @@ class TrainResult:
     resumed_from: str | None
     history: list[dict[str, Any]]
     data_fingerprint: str
-    pseudo_labels: dict[str, Any] | None = None  # train.pseudo_labels: how many negatives the audit's scores changed
+    pseudo_labels: dict[str, Any] | None  # train.pseudo_labels: the negatives the audit's scores changed; None: off
 
 
 @dataclass(frozen=True)
