@@ -58,6 +58,9 @@ from mumic_ml.train import train
 REPO = Path(__file__).resolve().parents[1]
 ZERO_SHOT = "zero-shot"
 MUMIC = "MuMIC"
+NO_PROBE = "MuMIC without linear probe"
+LINEAR_ASL = "linear + ASL"
+LINEAR_ASL_PROBE = "linear + ASL + linear probe"
 PAPER = "paper recipe"
 LL_REJECT = "MuMIC + large loss rejection"
 LL_CORRECT = "MuMIC + large loss correction"
@@ -68,13 +71,17 @@ PSEUDO_UNKNOWN = "MuMIC + audit pseudo-unknown"
 SHARED_RUNS = {WISE_FT: MUMIC}
 
 # name -> overrides of params.yaml (None: no fine-tuning). MuMIC itself is params.yaml as it stands: the MuMIC
-# head (cosines to class text embeddings plus a class residual, temperature learned from 0.2, text tower frozen)
-# trained with ASL on s / T.
+# head (cosines to class text embeddings plus a class residual, temperature learned from 0.2, text tower frozen),
+# fitted alone on the foundation's embeddings first (train.linear_probe), then fine-tuned with ASL on s / T. The
+# linear baselines are plain fine-tuning of a fresh linear head, as published; one row gives them the probe too.
+NO_PROBE_SETTING = {"train.linear_probe.steps": 0}
 VARIANTS: dict[str, dict[str, Any] | None] = {
     ZERO_SHOT: None,
-    "linear + BCE": {"model.head": "linear", "train.loss": "bce"},
-    "linear + ASL": {"model.head": "linear", "train.loss": "asl"},
+    "linear + BCE": {"model.head": "linear", "train.loss": "bce", **NO_PROBE_SETTING},
+    LINEAR_ASL: {"model.head": "linear", "train.loss": "asl", **NO_PROBE_SETTING},
+    LINEAR_ASL_PROBE: {"model.head": "linear", "train.loss": "asl"},
     MUMIC: {},
+    NO_PROBE: NO_PROBE_SETTING,
     "MuMIC, fixed T=0.07": {"model.learn_temperature": False, "model.init_temperature": 0.07},
     "MuMIC, fixed T=0.2": {"model.learn_temperature": False, "model.init_temperature": 0.2},
     "MuMIC + learned bias": {"model.learn_bias": True},
@@ -87,6 +94,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "model.init_temperature": 0.07,
         "model.learn_temperature": True,
         "model.class_residual": False,
+        **NO_PROBE_SETTING,
     },
     # Against missing positives: Large Loss rejection / correction (train.large_loss at params.yaml's rate), and
     # WiSE-FT with alpha chosen on the validation split.
@@ -273,6 +281,7 @@ def run_variant(
         "final_temperature": result.history[-1].get("temperature"),
         "wise_ft": metadata.get("wise_ft"),
         "pseudo_labels": metadata.get("pseudo_labels"),
+        "linear_probe": metadata.get("linear_probe"),
         "resumed_from": result.resumed_from,
         "seconds": time.perf_counter() - started,
     }
@@ -347,10 +356,10 @@ def _world_name(results: dict[str, Any]) -> str:
     return f"seed {budget.get('world_seed', 0)}, {budget['n_images']:,} images"
 
 
-def worlds_table(all_results: list[dict[str, Any]], baseline: str = "linear + ASL") -> str:
+def worlds_table(all_results: list[dict[str, Any]], baselines: tuple[str, ...] = (LINEAR_ASL, LINEAR_ASL_PROBE)) -> str:
     """GAP@10 and mAP of every variant run in each world (one quality.json per world), per noise level; then, for
-    each MuMIC variant, its lead over `baseline` and whether it exceeds one sample standard deviation (the larger of
-    the two rows'): ✓ where it does, = where the lead is positive but within it, ✗ where MuMIC is behind."""
+    each MuMIC variant and each of `baselines`, its lead and whether it exceeds one sample standard deviation (the
+    larger of the two rows'): ✓ where it does, = where the lead is positive but within it, ✗ where MuMIC is behind."""
     parts = []
     for metric in ("gap_at_10", "map_macro"):
         variants = [
@@ -369,7 +378,13 @@ def worlds_table(all_results: list[dict[str, Any]], baseline: str = "linear + AS
                 parts.append(f"| {_world_name(results)} | {noise:.0%} | " + " | ".join(cells) + " |")
         parts.append("")
     contenders = [v for v in VARIANTS if v.startswith(MUMIC) or v == PAPER]
-    parts.append(f"**Lead over {baseline}** (mean difference; ✓ more than one sd, = within one sd, ✗ behind)\n")
+    for baseline in baselines:
+        parts.append(_lead_table(all_results, baseline, contenders))
+    return "\n".join(parts)
+
+
+def _lead_table(all_results: list[dict[str, Any]], baseline: str, contenders: list[str]) -> str:
+    parts = [f"**Lead over {baseline}** (mean difference; ✓ more than one sd, = within one sd, ✗ behind)\n"]
     parts.append("| world | missing | variant | GAP@10 | mAP |")
     parts.append("|---|---|---|---|---|")
     for results in all_results:

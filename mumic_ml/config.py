@@ -192,6 +192,15 @@ class PseudoLabelConfig(_Section):
     min_score: float = Field(0.5, gt=0, lt=1, description="Out-of-fold probability from which a negative is flipped.")
 
 
+class LinearProbeConfig(_Section):
+    """LP-FT (Kumar et al., "Fine-tuning can distort pretrained features", ICLR 2022): before fine-tuning, the head
+    alone (class residual, temperature, bias; or a linear head) is fitted to the train split's embeddings under the
+    starting weights, so the first fine-tuning steps do not push the image tower towards a head that is still wrong."""
+
+    steps: int = Field(100, ge=0, description="Full-batch AdamW steps on the frozen embeddings; 0: off.")
+    lr: float = Field(3e-2, gt=0, description="Learning rate of those steps.")
+
+
 class TrainConfig(_Section):
     loss: Loss = Loss.ASL
     asl: AsymmetricLossConfig = AsymmetricLossConfig()
@@ -228,6 +237,7 @@ class TrainConfig(_Section):
     )
     large_loss: LargeLossConfig = LargeLossConfig()
     pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    linear_probe: LinearProbeConfig = LinearProbeConfig()
     wise_ft: WiseFtConfig = WiseFtConfig()
 
     @field_validator("device")

@@ -182,7 +182,10 @@ class MumicClassifier(nn.Module):
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, extra_class_features: torch.Tensor | None = None) -> ClassifierOutput:
-        v = self.image_features(images)
+        return self.score_features(self.image_features(images), extra_class_features)
+
+    def score_features(self, v: torch.Tensor, extra_class_features: torch.Tensor | None = None) -> ClassifierOutput:
+        """Scores from normalised image embeddings: what fitting the head on frozen embeddings trains."""
         w = self.class_features()
         if extra_class_features is not None:
             w = torch.cat([w, extra_class_features.to(w)], dim=0)
@@ -211,9 +214,11 @@ class LinearClassifier(nn.Module):
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, extra_class_features: torch.Tensor | None = None) -> ClassifierOutput:
+        return self.score_features(self.image_features(images), extra_class_features)
+
+    def score_features(self, v: torch.Tensor, extra_class_features: torch.Tensor | None = None) -> ClassifierOutput:
         if extra_class_features is not None:
             raise ValueError("a linear-head model has no text tower: it cannot score classes zero-shot")
-        v = self.image_features(images)
         return ClassifierOutput(self.head(v), v)
 
 

@@ -80,6 +80,41 @@ def parameter_groups(model: nn.Module, params: Params) -> list[dict[str, Any]]:
     return groups
 
 
+def fit_head_on_features(
+    classifier: nn.Module,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    known: torch.Tensor | None,
+    loss_fn: Callable,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+) -> tuple[float, float]:
+    """Fit the head alone (every trainable parameter outside the towers) to fixed image embeddings, full batch;
+    the loss before and after. The towers get no gradient, and the classifier is left in eval mode."""
+    in_clip = {id(p) for p in classifier.clip.parameters()}
+    head = [p for p in classifier.parameters() if p.requires_grad and id(p) not in in_clip]
+    if not head:
+        raise ValueError("the classifier has no trainable head parameter to fit")
+    groups = [
+        {"params": [p for p in head if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in head if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    classifier.eval()  # cached class text embeddings, no dropout: only the head's parameters move
+    losses = []
+    for _ in range(steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(classifier.score_features(features), targets, known)
+        losses.append(float(loss.detach()))
+        if len(losses) > steps:
+            break
+        loss.backward()
+        optimizer.step()
+    return losses[0], losses[-1]
+
+
 @dataclass
 class Stepper:
     """One micro-batch forward/backward and one optimizer update: what the loop runs and the benchmark times."""

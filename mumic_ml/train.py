@@ -13,9 +13,11 @@ schedule of the step, and checkpoints carry weights, optimizer tensors and count
 restarts from its last checkpoint and replays the same batches, so on CPU with deterministic settings it ends with
 bitwise the same weights as a run that was never interrupted (tests/test_reliability.py kills one to check).
 
-Against missing positives, two options act at either end of the loop: `train.large_loss` wraps the loss so that each
-batch's largest-loss negatives are rejected or corrected (the loop sets its epoch, which sets the rate), and
-`train.wise_ft` exports a weight-space ensemble of the starting and the fine-tuned weights.
+Against missing positives, options act before, inside and after the loop: `train.pseudo_labels` changes the train
+labels the audit's out-of-fold scores call missing, `train.linear_probe` fits the head alone on the starting weights'
+embeddings before the first step (LP-FT), `train.large_loss` wraps the loss so that each batch's largest-loss
+negatives are rejected or corrected (the loop sets its epoch, which sets the rate), and `train.wise_ft` exports a
+weight-space ensemble of the starting and the fine-tuned weights.
 
 Distributed data parallel: start the same command under `torchrun --nproc_per_node N`; ranks share the epoch's
 permutation and take interleaved slices, gradients are averaged by DDP, rank 0 validates and writes.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -44,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mumic_ml.audit import embed_images, foundation_tower, label_state, out_of_fold_scores
+from mumic_ml.audit import Tower, embed_images, label_state, out_of_fold_scores
 from mumic_ml.backbone import Backbone, create_backbone
 from mumic_ml.calibration import fit_calibration
 from mumic_ml.checkpoint import (
@@ -67,14 +70,14 @@ from mumic_ml.data import (
 )
 from mumic_ml.evaluate import compute_scores
 from mumic_ml.images import PreprocessCache
-from mumic_ml.io import atomic_path, atomic_write_json, file_digest
+from mumic_ml.io import atomic_path, atomic_write_json, file_digest, read_json
 from mumic_ml.label_noise import corrupt_labels, pseudo_label
 from mumic_ml.losses import LargeLossModification
 from mumic_ml.metrics import gap_at_k, mean_average_precision, tune_thresholds
 from mumic_ml.model_io import build_classifier, save_model_dir, weight_space_ensemble
-from mumic_ml.optim import LrSchedule, Stepper, parameter_groups
+from mumic_ml.optim import LrSchedule, Stepper, fit_head_on_features, parameter_groups
 from mumic_ml.runtime import DistInfo, autocast_and_scaler, configure_runtime, wrap_for_training
-from mumic_ml.task import MumicTask, create_loss
+from mumic_ml.task import LossFn, MumicTask, create_loss
 from mumic_ml.taxonomy import Taxonomy, load_taxonomy, training_classes
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,8 @@ class Run:
     start_state: dict[str, torch.Tensor] | None
     # train.pseudo_labels: what the audit's scores changed, for the model's metadata; None when off.
     pseudo_labels: dict[str, Any] | None
+    # train.linear_probe: the head fit before the first step (losses before and after), for the metadata; None when off.
+    linear_probe: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -261,9 +266,13 @@ def _setup(
     labels = _read_labels(cfg, splits_dir, taxonomy_path)
     backbone = create_backbone(params.model.backbone, params.model.pretrained, device="cpu")
     log.info("backbone %s from %s", params.model.backbone, params.model.pretrained or "random initialisation")
+    # The train split under the starting weights, embedded at most once for the options that read it.
+    starting_embeddings = functools.cache(
+        lambda: _embed_with_starting_weights(backbone, labels.frames["train"], images_root, cache_dir, params, device)
+    )
     pseudo_labels = None
     if cfg.pseudo_labels.mode is not None:
-        labels, pseudo_labels = _apply_pseudo_labels(params, labels, backbone, images_root, cache_dir, device)
+        labels, pseudo_labels = _apply_pseudo_labels(params, labels, starting_embeddings)
     classifier = build_classifier(params.model, labels.class_prompts, backbone)
     cache = PreprocessCache(cache_dir)
     size = backbone.image_norm.size
@@ -279,7 +288,7 @@ def _setup(
         )
 
     channels_last = cfg.channels_last and device.type == "cuda"
-    loss_fn = create_loss(cfg.loss, cfg.asl)
+    loss_fn = base_loss = create_loss(cfg.loss, cfg.asl)
     large_loss = None
     if cfg.large_loss.mode is not None:
         ll = cfg.large_loss
@@ -303,6 +312,15 @@ def _setup(
         dist_info=dist_info,
         device=device,
     )
+    linear_probe = None
+    if cfg.linear_probe.steps:
+        record_path = run_dir / "linear_probe.json"
+        if resumed_from is None:
+            linear_probe = _fit_head_first(params, classifier, labels, starting_embeddings(), base_loss, device)
+            if dist_info.is_main:
+                atomic_write_json(record_path, linear_probe)
+        else:  # the restored checkpoint already holds the fitted head
+            linear_probe = read_json(record_path) if record_path.is_file() else {}
     # Wrapped after the restore, so DDP starts every rank from the restored weights.
     model_for_step = wrap_for_training(task, compile_model=cfg.compile, dist_info=dist_info, device=device)
     model_for_step.train()
@@ -331,6 +349,7 @@ def _setup(
         large_loss=large_loss,
         start_state=start_state,
         pseudo_labels=pseudo_labels,
+        linear_probe=linear_probe,
     )
     return run, state
 
@@ -366,22 +385,57 @@ def _masks_unknown(cfg: TrainConfig) -> bool:
     return cfg.partial_labels or cfg.pseudo_labels.mode == PseudoLabelMode.UNKNOWN
 
 
-def _apply_pseudo_labels(
-    params: Params,
-    labels: LabelledSplits,
-    backbone: Backbone,
-    images_root: Path,
-    cache_dir: Path,
-    device: torch.device,
-) -> tuple[LabelledSplits, dict[str, Any]]:
-    """train.pseudo_labels: the labelled negatives of the train split that the audit's out-of-fold head, on the
-    starting weights' image tower, scores at least `min_score` become positives or unknown entries.
+def _embed_with_starting_weights(
+    backbone: Backbone, frame: pd.DataFrame, images_root: Path, cache_dir: Path, params: Params, device: torch.device
+) -> np.ndarray:
+    """L2-normalised embeddings of `frame`'s images by the image tower fine-tuning starts from (no flips)."""
+    started_on = next(backbone.clip.parameters()).device
+    backbone.clip.to(device)
+    tower = Tower(backbone.clip.eval().encode_image, backbone.image_norm, device, key="starting-weights")
+    features, _ = embed_images(tower, frame, images_root, cache_dir, None, params.audit.batch_size)
+    backbone.clip.to(started_on)
+    return features
 
-    The starting weights never saw these labels and every image is scored by a head fitted on the other folds, so a
-    flagged negative is one that the rest of the data calls present: at 40% missing positives on the demo world the
-    top of that ranking is nearly all removed positives (docs/results.md, "Label audit"). Verified negatives
-    (`negative_labels`) and unknown entries are never flagged.
-    """
+
+def _fit_head_first(
+    params: Params,
+    classifier: nn.Module,
+    labels: LabelledSplits,
+    features: np.ndarray,
+    loss_fn: LossFn,
+    device: torch.device,
+) -> dict[str, Any]:
+    """train.linear_probe: the head fitted alone to the starting embeddings with the training loss, unknown entries
+    left out as the loop leaves them out; what it did, for the model's metadata."""
+    cfg = params.train
+    started = time.monotonic()
+    known = None
+    if _masks_unknown(cfg) and not labels.train_known.all():
+        known = torch.from_numpy(labels.train_known.astype(np.float32)).to(device)
+    before, after = fit_head_on_features(
+        classifier,
+        torch.from_numpy(features).to(device),
+        torch.from_numpy(labels.train_targets.astype(np.float32)).to(device),
+        known,
+        loss_fn,
+        steps=cfg.linear_probe.steps,
+        lr=cfg.linear_probe.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    log.info("linear probe: train loss %.4f -> %.4f in %d full-batch steps", before, after, cfg.linear_probe.steps)
+    seconds = round(time.monotonic() - started, 2)
+    return {
+        "steps": cfg.linear_probe.steps,
+        "lr": cfg.linear_probe.lr,
+        "loss_before": round(before, 5),
+        "loss_after": round(after, 5),
+        "seconds": seconds,
+    }
+
+
+def _apply_pseudo_labels(
+    params: Params, labels: LabelledSplits, starting_embeddings: Callable[[], np.ndarray]
+) -> tuple[LabelledSplits, dict[str, Any]]:
     cfg = params.train.pseudo_labels
     if params.model.pretrained is None:
         raise ValueError(
@@ -390,10 +444,7 @@ def _apply_pseudo_labels(
         )
     started = time.monotonic()
     frame = labels.frames["train"]
-    tower = foundation_tower(backbone, params.model.backbone, params.model.pretrained, device)
-    backbone.clip.to(device)
-    features, _ = embed_images(tower, frame, images_root, cache_dir, None, params.audit.batch_size)
-    backbone.clip.cpu()
+    features = starting_embeddings()
     _, _, rankable = label_state(frame, labels.class_names)
     known = labels.train_known if params.train.partial_labels else np.ones_like(labels.train_known)
     scores = out_of_fold_scores(features, labels.train_targets, known, list(frame["sha256"]), params.audit)
@@ -442,12 +493,15 @@ def _run_signature(params: Params, labels: LabelledSplits) -> str:
 
 def _train_recipe(cfg: TrainConfig) -> dict[str, Any]:
     """The train config as the signature sees it. WiSE-FT acts only at export, so a run may resume with another
-    alpha; Large Loss only while on, so runs without it keep the signature they had before it existed."""
-    recipe = cfg.model_dump(mode="json", exclude={"wise_ft", "large_loss", "pseudo_labels"})
+    alpha; Large Loss, pseudo-labels and the linear probe only while on, so runs without them keep the signature
+    they had before the options existed."""
+    recipe = cfg.model_dump(mode="json", exclude={"wise_ft", "large_loss", "pseudo_labels", "linear_probe"})
     if cfg.large_loss.mode is not None:
         recipe["large_loss"] = cfg.large_loss.model_dump(mode="json")
     if cfg.pseudo_labels.mode is not None:
         recipe["pseudo_labels"] = cfg.pseudo_labels.model_dump(mode="json")
+    if cfg.linear_probe.steps:
+        recipe["linear_probe"] = cfg.linear_probe.model_dump(mode="json")
     return recipe
 
 
@@ -738,6 +792,7 @@ def _export_best(
             "history": state.history,
             **({"wise_ft": wise_ft} if wise_ft else {}),
             **({"pseudo_labels": run.pseudo_labels} if run.pseudo_labels else {}),
+            **({"linear_probe": run.linear_probe} if run.linear_probe else {}),
             **extra_metadata,
         },
         seen_images={*labels.frames["train"]["sha256"], *labels.frames["val"]["sha256"], *seen_before},

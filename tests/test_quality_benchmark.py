@@ -96,6 +96,11 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     assert (out / "quality_gap_at_10.png").stat().st_size > 0
     by_name = {r["variant"]: r for r in results["runs"] if not r["hidden"]}
     assert by_name[quality.PAPER]["overrides"]["train.loss"] == "tempered_sigmoid_bce"
+    # The published recipes fine-tune as published; params.yaml's MuMIC fits its head first.
+    for name in (quality.PAPER, quality.LINEAR_ASL, quality.NO_PROBE):
+        assert by_name[name]["linear_probe"] is None, name
+    for name in (quality.MUMIC, quality.LINEAR_ASL_PROBE):
+        assert by_name[name]["linear_probe"]["loss_after"] < by_name[name]["linear_probe"]["loss_before"], name
     for name in (quality.LL_REJECT, quality.LL_CORRECT):
         assert len(by_name[name]["val_gap_at_k"]) == budget.train_epochs >= 2  # the loss is modified from epoch 2
     wise_ft = by_name[quality.WISE_FT]
@@ -114,5 +119,7 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     combined = tmp_path / "combined"
     assert quality.main(["--combine", str(out), str(out), "--out", str(combined)]) == 0
     summary = (combined / "worlds_table.md").read_text()
-    assert summary.count("| seed 0, 300 images | 40% |") == 2 * 2 + 2 * (len(trained) - 2)  # 2 tables; leads
-    assert "**Lead over linear + ASL**" in summary
+    contenders = [name for name in trained if not name.startswith("linear")]
+    # 2 tables of scores, then each MuMIC row's lead over each of the 2 linear + ASL baselines
+    assert summary.count("| seed 0, 300 images | 40% |") == 2 * 2 + 2 * len(contenders)
+    assert "**Lead over linear + ASL**" in summary and "**Lead over linear + ASL + linear probe**" in summary

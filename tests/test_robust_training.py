@@ -17,6 +17,7 @@ from mumic_ml.label_noise import pseudo_label
 from mumic_ml.losses import LargeLossModification, large_loss_rate, large_loss_selection
 from mumic_ml.model import encode_text
 from mumic_ml.model_io import build_classifier, load_model_dir, weight_space_ensemble
+from mumic_ml.optim import fit_head_on_features
 from mumic_ml.task import create_loss
 
 # Negatives by logit: (0,3) 3.0 > (0,2) 0.5 > (1,2) 0.0 > (1,3) -0.5 > (0,1) -1.0 > (1,0) -2.0; the positive (0,0)
@@ -266,3 +267,72 @@ def test_pseudo_labels_train_on_the_flipped_labels_and_record_them(tiny_world, t
         assert np.isfinite(run.history[0]["train_loss"])
         # On, the settings belong to the run's signature: the plain run's folder is not resumed.
         assert _train(tiny_world, tmp_path / "plain", foundation, **low, resume=True).resumed_from is None
+
+
+# --- linear probe, then fine-tune (LP-FT) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["mumic", "linear"])
+def test_fitting_the_head_first_moves_only_the_head_and_lowers_the_training_loss(head):
+    torch.manual_seed(0)
+    params = Params().updated({"model.pretrained": None, "model.head": head})
+    prompts = [[f"a photo of {name}"] for name in ("red", "green", "blue", "cats")]
+    classifier = build_classifier(params.model, prompts, create_backbone("mumic-tiny", None))
+    towers = {k: v.clone() for k, v in classifier.clip.state_dict().items()}
+    heads = {k: v.detach().clone() for k, v in classifier.named_parameters() if not k.startswith("clip.")}
+    dim = classifier.image_features(torch.zeros(1, 3, 64, 64)).shape[1]
+    features = torch.nn.functional.normalize(torch.randn(40, dim), dim=-1)
+    targets = (features[:, :4] > 0).float()  # a linear function of the features
+    loss_fn = create_loss(params.train.loss, params.train.asl)
+    classifier.eval()
+    with torch.no_grad():
+        start_loss = float(loss_fn(classifier.score_features(features), targets, None))
+
+    before, after = fit_head_on_features(
+        classifier, features, targets, None, loss_fn, steps=50, lr=0.03, weight_decay=0
+    )
+
+    assert before == pytest.approx(start_loss)
+    assert after < 0.7 * before
+    assert not classifier.training
+    assert all(torch.equal(v, towers[k]) for k, v in classifier.clip.state_dict().items())
+    moved = {k for k, v in classifier.named_parameters() if k in heads and not torch.equal(v, heads[k])}
+    trainable = {k for k, v in classifier.named_parameters() if k in heads and v.requires_grad}
+    assert moved == trainable and trainable
+
+
+def test_fitting_the_head_first_leaves_unknown_entries_out():
+    """With every entry of a class unknown, its targets cannot matter: flipping them changes nothing."""
+    torch.manual_seed(0)
+    params = Params().updated({"model.pretrained": None, "model.head": "linear"})
+    features = torch.nn.functional.normalize(torch.randn(30, 64), dim=-1)
+    targets = (features[:, :3] > 0).float()
+    known = torch.ones_like(targets)
+    known[:, 2] = 0
+    loss_fn = create_loss(params.train.loss, params.train.asl)
+    fitted = []
+    for column in (targets[:, 2], 1 - targets[:, 2]):
+        torch.manual_seed(1)
+        classifier = build_classifier(params.model, [["a"], ["b"], ["c"]], create_backbone("mumic-tiny", None))
+        classifier.head = torch.nn.Linear(64, 3)
+        y = targets.clone()
+        y[:, 2] = column
+        fit_head_on_features(classifier, features, y, known, loss_fn, steps=20, lr=0.03, weight_decay=0)
+        fitted.append(classifier.head.weight.detach().clone())
+    assert torch.equal(fitted[0], fitted[1])
+
+
+@pytest.mark.slow
+def test_the_linear_probe_fits_the_head_before_the_first_step_and_is_recorded(tiny_world, tmp_path, foundation):
+    plain = _train(tiny_world, tmp_path / "plain", foundation)
+    probe = {"train.linear_probe.steps": 30}
+    run = _train(tiny_world, tmp_path / "probe", foundation, **probe)
+    record = read_json(run.model_dir / "model.json")["metadata"]["linear_probe"]
+    assert record["steps"] == 30 and record["loss_after"] < record["loss_before"]
+    assert run.history[0]["train_loss"] < plain.history[0]["train_loss"]  # the epoch starts from a fitted head
+    # On, the setting belongs to the run's signature: the plain run's folder is not resumed.
+    assert _train(tiny_world, tmp_path / "plain", foundation, **probe, resume=True).resumed_from is None
+    # A resumed run keeps the head its checkpoint holds instead of fitting it again.
+    again = _train(tiny_world, tmp_path / "probe", foundation, **probe, resume=True)
+    assert again.resumed_from is not None and again.history == run.history
+    assert read_json(again.model_dir / "model.json")["metadata"]["linear_probe"] == record
