@@ -261,6 +261,7 @@ def trained_model(
                 "epochs_run": result.epochs_run,
                 "resumed_from": result.resumed_from,
                 "pseudo_labels": result.pseudo_labels,
+                "linear_probe": result.linear_probe,
                 "training_curves": markdown_image("training and validation curves", curves_png) if curves_png else None,
                 "training_curve": table(curve, ["epoch", "train_loss", "val_gap_at_k"]),
                 "model_dir": dg.MetadataValue.path(str(result.model_dir)),

@@ -80,6 +80,11 @@ def parameter_groups(model: nn.Module, params: Params) -> list[dict[str, Any]]:
     return groups
 
 
+# Entries (images x classes) per forward pass when fitting a head on embeddings: a 64 MiB float32 logit matrix, so
+# a collection of any size is fitted full batch in chunks whose gradients add up.
+HEAD_FIT_CHUNK_ENTRIES = 1 << 24
+
+
 def fit_head_on_features(
     classifier: nn.Module,
     features: torch.Tensor,
@@ -90,9 +95,13 @@ def fit_head_on_features(
     steps: int,
     lr: float,
     weight_decay: float,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
     """Fit the head alone (every trainable parameter outside the towers) to fixed image embeddings, full batch;
-    the loss before and after. The towers get no gradient, and the classifier is left in eval mode."""
+    the loss before and after. The towers get no gradient, and the classifier is left in eval mode.
+
+    Rows are taken in chunks of at most `HEAD_FIT_CHUNK_ENTRIES` entries, each chunk's loss weighted by its share of
+    the rows: the full-batch loss for losses that average over images (with unknown entries masked, close to it)."""
     in_clip = {id(p) for p in classifier.clip.parameters()}
     head = [p for p in classifier.parameters() if p.requires_grad and id(p) not in in_clip]
     if not head:
@@ -102,16 +111,28 @@ def fit_head_on_features(
         {"params": [p for p in head if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    n = len(features)
+    rows = max(1, HEAD_FIT_CHUNK_ENTRIES // max(1, targets.shape[1]))
+    chunks = [
+        (features[i : i + rows], targets[i : i + rows], None if known is None else known[i : i + rows])
+        for i in range(0, n, rows)
+    ]
+    if len(chunks) == 1:  # moved once, not every step
+        chunks = [tuple(None if t is None else t.to(device) for t in chunks[0])]
     classifier.eval()  # cached class text embeddings, no dropout: only the head's parameters move
     losses = []
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(classifier.score_features(features), targets, known)
-        losses.append(float(loss.detach()))
-        if len(losses) > steps:
-            break
-        loss.backward()
-        optimizer.step()
+        total = 0.0
+        for x, y, k in chunks:
+            x, y, k = x.to(device), y.to(device), None if k is None else k.to(device)
+            loss = loss_fn(classifier.score_features(x), y, k) * (len(x) / n)
+            if step < steps:
+                loss.backward()
+            total += float(loss.detach())
+        losses.append(total)
+        if step < steps:
+            optimizer.step()
     return losses[0], losses[-1]
 
 

@@ -137,6 +137,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     data_fingerprint: str
     pseudo_labels: dict[str, Any] | None  # train.pseudo_labels: the negatives the audit's scores changed; None: off
+    linear_probe: dict[str, Any] | None  # train.linear_probe: the head's fit before the first step; None: off
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def train(
         history=state.history,
         data_fingerprint=run.labels.fingerprint,
         pseudo_labels=run.pseudo_labels,
+        linear_probe=run.linear_probe,
     )
 
 
@@ -411,16 +413,17 @@ def _fit_head_first(
     started = time.monotonic()
     known = None
     if _masks_unknown(cfg) and not labels.train_known.all():
-        known = torch.from_numpy(labels.train_known.astype(np.float32)).to(device)
+        known = torch.from_numpy(labels.train_known.astype(np.float32))
     before, after = fit_head_on_features(
         classifier,
-        torch.from_numpy(features).to(device),
-        torch.from_numpy(labels.train_targets.astype(np.float32)).to(device),
+        torch.from_numpy(features),
+        torch.from_numpy(labels.train_targets.astype(np.float32)),
         known,
         loss_fn,
         steps=cfg.linear_probe.steps,
         lr=cfg.linear_probe.lr,
         weight_decay=cfg.weight_decay,
+        device=device,
     )
     log.info("linear probe: train loss %.4f -> %.4f in %d full-batch steps", before, after, cfg.linear_probe.steps)
     seconds = round(time.monotonic() - started, 2)

@@ -231,6 +231,8 @@ def test_whole_graph_registers_a_servable_model(pipeline_run, tracking_store):
     run = client.get_run(version.run_id)
     assert run.data.tags["data_version"] == combined_version(split_md5)
     assert "val_gap_at_k" in run.data.metrics and "test_gap_at_10" in run.data.metrics
+    # params.yaml fits the head before fine-tuning: the run shows what that fit did
+    assert run.data.metrics["linear_probe_loss_after"] < run.data.metrics["linear_probe_loss_before"]
 
     image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))
     model = mlflow.pyfunc.load_model("models:/mumic@challenger")
@@ -284,6 +286,7 @@ def test_asset_pages_show_figures_inline_numbers_as_numbers_and_no_empty_rows(pi
     assert isinstance(trained["best_epoch"], dg.IntMetadataValue)
     assert isinstance(trained["best_val_gap_at_k"], dg.FloatMetadataValue)
     assert "resumed_from" not in trained
+    assert trained["linear_probe"].data["steps"] == 100
     assert isinstance(metadata["raw_images"]["images"], dg.IntMetadataValue)
     assert "first_rejected_rows" not in metadata["raw_images"]  # nothing was rejected: no empty table
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import _train as train_in
 
+from mumic_ml import optim
 from mumic_ml.backbone import create_backbone
 from mumic_ml.config import Loss, Params, PseudoLabelMode
 from mumic_ml.io import read_json
@@ -336,3 +337,22 @@ def test_the_linear_probe_fits_the_head_before_the_first_step_and_is_recorded(ti
     again = _train(tiny_world, tmp_path / "probe", foundation, **probe, resume=True)
     assert again.resumed_from is not None and again.history == run.history
     assert read_json(again.model_dir / "model.json")["metadata"]["linear_probe"] == record
+
+
+def test_fitting_the_head_in_chunks_is_the_full_batch_fit(monkeypatch):
+    """A collection too large for one forward pass is fitted in chunks whose gradients add up to the full batch's."""
+    params = Params().updated({"model.pretrained": None, "model.head": "linear"})
+    features = torch.nn.functional.normalize(torch.randn(50, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    targets = (features[:, :3] > 0).float()
+    loss_fn = create_loss(params.train.loss, params.train.asl)
+    fitted = {}
+    for entries in (1 << 24, 3 * 7):  # one chunk; chunks of 7 rows (the last one 1 row)
+        monkeypatch.setattr(optim, "HEAD_FIT_CHUNK_ENTRIES", entries)
+        torch.manual_seed(1)
+        classifier = build_classifier(params.model, [["a"], ["b"], ["c"]], create_backbone("mumic-tiny", None))
+        classifier.head = torch.nn.Linear(64, 3)
+        losses = fit_head_on_features(classifier, features, targets, None, loss_fn, steps=10, lr=0.03, weight_decay=0)
+        fitted[entries] = (losses, classifier.head.weight.detach().clone())
+    (whole_losses, whole), (chunked_losses, chunked) = fitted.values()
+    assert chunked_losses == pytest.approx(whole_losses, rel=1e-5)
+    assert torch.allclose(chunked, whole, atol=1e-5)
