@@ -386,9 +386,10 @@ def test_promote_then_a_broken_model_fails_the_gate_and_is_not_registered(pipeli
     image = next((root / "data" / "incoming" / "demo" / "images").glob("*.png"))
     assert len(champion.predict(pd.DataFrame({"image": [str(image)]}))["labels"][0]) == 5
 
-    # A model that never learns (all learning rates 0): below the champion on the same split.
+    # A model that never learns (all learning rates 0, no head fitted first): below the champion on the same split.
     broken = yaml.safe_load((root / "params.yaml").read_text())
     broken["train"].update({"lr_image": 0.0, "lr_text": 0.0, "lr_head": 0.0, "epochs": 1})
+    broken["train"]["linear_probe"]["steps"] = 0
     (root / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
     result = materialize(root, selection=["trained_model", "model_evaluation", "registered_model"])
     gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "evaluation_gate"]

@@ -120,6 +120,6 @@ def test_quick_mode_measures_every_variant_and_resumes_from_its_results(quality,
     assert quality.main(["--combine", str(out), str(out), "--out", str(combined)]) == 0
     summary = (combined / "worlds_table.md").read_text()
     contenders = [name for name in trained if not name.startswith("linear")]
-    # 2 tables of scores, then each MuMIC row's lead over each of the 2 linear + ASL baselines
-    assert summary.count("| seed 0, 300 images | 40% |") == 2 * 2 + 2 * len(contenders)
+    # 2 tables of scores with a row per world, then per world each MuMIC row's lead over each of 2 baselines
+    assert summary.count("| seed 0, 300 images | 40% |") == 2 * 2 + 2 * 2 * len(contenders)
     assert "**Lead over linear + ASL**" in summary and "**Lead over linear + ASL + linear probe**" in summary
