@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,9 +46,6 @@ from mumic_ml.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from mumic_ml.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text, file_digest
 from mumic_ml.manifest import QUALIFIED_LABEL_COLUMNS
 from mumic_ml.taxonomy import Taxonomy
-
-if TYPE_CHECKING:
-    from mumic_ml.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -569,11 +566,7 @@ def tower_from_backbone(backbone_name: str, weights: str | None, device: torch.d
 
     if weights is None:
         raise AuditError("audit.backbone 'foundation' needs model.pretrained: random weights embed nothing")
-    return foundation_tower(create_backbone(backbone_name, weights, device=device), backbone_name, weights, device)
-
-
-def foundation_tower(backbone: Backbone, backbone_name: str, weights: str, device: torch.device) -> Tower:
-    """The image tower of a backbone loaded from `weights`, keyed by the weights' content (or their open_clip tag)."""
+    backbone = create_backbone(backbone_name, weights, device=device)
     identity = file_digest(weights) if Path(weights).is_file() else weights
     key = "foundation-" + hashlib.sha256(f"{backbone_name}\n{identity}".encode()).hexdigest()[:16]
     return Tower(backbone.clip.eval().encode_image, backbone.image_norm, device, key)

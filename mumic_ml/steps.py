@@ -376,7 +376,7 @@ def train_step(
         if result.pseudo_labels:
             counts = {f"pseudo_label_{key}": result.pseudo_labels[key] for key in ("entries", "images")}
             log_epoch(run_id, 0, counts, tracking_uri=uri)
-        if result.linear_probe and "loss_after" in result.linear_probe:
+        if result.linear_probe:
             losses = {f"linear_probe_{key}": result.linear_probe[key] for key in ("loss_before", "loss_after")}
             log_epoch(run_id, 0, losses, tracking_uri=uri)
         if result.history:

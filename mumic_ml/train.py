@@ -322,7 +322,7 @@ def _setup(
             if dist_info.is_main:
                 atomic_write_json(record_path, linear_probe)
         else:  # the restored checkpoint already holds the fitted head
-            linear_probe = read_json(record_path) if record_path.is_file() else {}
+            linear_probe = read_json(record_path) if record_path.is_file() else None
     # Wrapped after the restore, so DDP starts every rank from the restored weights.
     model_for_step = wrap_for_training(task, compile_model=cfg.compile, dist_info=dist_info, device=device)
     model_for_step.train()
